@@ -1,0 +1,48 @@
+"""Backend choice: which implementation runs a fused chain.
+
+- ``auto``      Triton kernels on CUDA tensors, the pure-PyTorch reference on CPU (default).
+- ``triton``    Triton kernels; CUDA tensors only.
+- ``interpret`` Triton kernels on CPU tensors through Triton's interpreter (slow; for tests).
+                Needs ``TRITON_INTERPRET=1`` in the environment before ``dwfast`` is imported.
+- ``torch``     the pure-PyTorch reference: eager ``F.linear``/``F.batch_norm``/``relu``.
+
+Chosen by :func:`set_backend` or the environment variable ``DWFAST_BACKEND``.
+"""
+import os
+
+BACKENDS = ("auto", "triton", "interpret", "torch")
+_backend = None
+
+
+def _check(name):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown dwfast backend {name!r}; choose one of {BACKENDS}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every fused chain: one of ``auto, triton, interpret, torch``."""
+    global _backend
+    _backend = _check(name)
+
+
+def get_backend() -> str:
+    """The selected backend name (``DWFAST_BACKEND`` if :func:`set_backend` was never called)."""
+    return _backend if _backend is not None else _check(os.environ.get("DWFAST_BACKEND", "auto"))
+
+
+def resolve_backend(device) -> str:
+    """The concrete backend (``triton``, ``interpret`` or ``torch``) for tensors on ``device``."""
+    name = get_backend()
+    is_cuda = device.type == "cuda"
+    if name == "auto":
+        return "triton" if is_cuda else "torch"
+    if name == "triton" and not is_cuda:
+        raise RuntimeError(
+            "dwfast backend 'triton' needs CUDA tensors; use backend 'torch' on the CPU, "
+            "or 'interpret' (with TRITON_INTERPRET=1) to run the kernels through Triton's interpreter")
+    if name == "interpret" and is_cuda:
+        raise RuntimeError("dwfast backend 'interpret' runs on CPU tensors; use 'triton' or 'auto' on CUDA")
+    if name == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("dwfast backend 'interpret' needs TRITON_INTERPRET=1 set before dwfast is imported")
+    return name
