@@ -88,4 +88,4 @@ def fused_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     if backend == "torch":
         return eager_chain(x, blocks)
     from .ops import chain
-    return chain(x, blocks, interpret=(backend == "interpret"))
+    return chain(x, blocks, upcast=(backend == "interpret"))

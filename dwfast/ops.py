@@ -1,0 +1,249 @@
+"""torch.library custom ops for a fused chain, with autograd; they call dwfast.kernels.
+
+    chain_forward   the whole chain in training form (stores each block's z); autograd
+    chain_backward  its backward, one fused dX and one dW GEMM per block
+    chain_infer     no-grad chain with BatchNorm folded into each GEMM's epilogue
+    update_running_stats   BatchNorm's running statistics, in place (no autograd)
+
+Ops take flat lists (one entry per block) so they pass through torch.compile and opcheck.
+BatchNorm mode per block: NO_BN, BATCH (batch statistics) or FIXED (running statistics).
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import kernels as K
+from .functional import Block, _uses_batch_stats
+
+NO_BN, BATCH, FIXED = 0, 1, 2
+_PER_BLOCK = 6  # chain_forward outputs per block: z, mean, var, rstd, scale, shift
+
+
+def _act(bn_mode: int, relu: bool, z, stats) -> K.Act:
+    """A block's Act from its bn mode and (mean, var, rstd, scale, shift)."""
+    if bn_mode == NO_BN:
+        return K.Act(z, None, None, None, None, False, relu)
+    mean, _, rstd, scale, shift = stats
+    return K.Act(z, mean, scale, shift, rstd, True, relu)
+
+
+def _stats_vectors(bn_mode, parts, tile_rows, M, run_mean, run_var, gamma, beta, eps):
+    if parts is None and bn_mode == BATCH:
+        raise AssertionError("batch statistics need the GEMM's partials")
+    return K.bn_stats(parts if bn_mode == BATCH else None, tile_rows, M, run_mean, run_var, gamma, beta, eps)
+
+
+def _expand(present: List[Tensor], flags: List[bool]) -> List[Optional[Tensor]]:
+    """The per-block list from the compact list of the blocks whose flag is set."""
+    it = iter(present)
+    return [next(it) if f else None for f in flags]
+
+
+# Per-block tensors that take gradients are passed compact (only the blocks that have one)
+# with a flag list: an op's Tensor?[] argument is a single autograd leaf.
+
+
+@torch.library.custom_op("dwfast::chain_forward", mutates_args=())
+def chain_forward(
+    x: Tensor, weights: List[Tensor], biases: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
+    running_means: List[Tensor], running_vars: List[Tensor],
+    has_bias: List[bool], affine: List[bool], bn_modes: List[int], relus: List[bool], eps: List[float],
+) -> List[Tensor]:
+    """[out] + per block [z, mean, var, rstd, scale, shift] (empty where a block keeps none).
+
+    `biases` of the blocks with `has_bias`, `gammas`/`betas` of the BatchNorm blocks with
+    `affine`, `running_means`/`running_vars` of the FIXED blocks. The last block's z is kept
+    only when an activation follows it (otherwise it is `out`).
+    """
+    biases, gammas, betas = _expand(biases, has_bias), _expand(gammas, affine), _expand(betas, affine)
+    fixed = [m == FIXED for m in bn_modes]
+    running_means, running_vars = _expand(running_means, fixed), _expand(running_vars, fixed)
+    M = x.shape[0]
+    saved = []
+    act_in = K.NO_ACT
+    h = x
+    for i, w in enumerate(weights):
+        z, parts, tile_rows = K.linear_fwd(h, w, biases[i], act_in=act_in, stats=bn_modes[i] == BATCH)
+        stats = tuple(x.new_empty(0) for _ in range(5))
+        if bn_modes[i] != NO_BN:
+            stats = _stats_vectors(bn_modes[i], parts, tile_rows, M, running_means[i], running_vars[i],
+                                   gammas[i], betas[i], eps[i])
+        act_in = _act(bn_modes[i], relus[i], z, stats)
+        h = z
+        saved += [z, *stats]
+    if act_in.identity:
+        saved[-_PER_BLOCK] = x.new_empty(0)  # out is z itself: an op's outputs may not alias
+        return [h] + saved
+    return [K.act_fwd(act_in)] + saved
+
+
+@chain_forward.register_fake
+def _(x, weights, biases, gammas, betas, running_means, running_vars, has_bias, affine, bn_modes, relus, eps):
+    M = x.shape[0]
+    saved = []
+    for w, mode in zip(weights, bn_modes):
+        N = w.shape[0]
+        vec = (x.new_empty(N, dtype=torch.float32) if mode != NO_BN else x.new_empty(0) for _ in range(5))
+        saved += [x.new_empty(M, N), *vec]
+    if bn_modes[-1] == NO_BN and not relus[-1]:
+        saved[-_PER_BLOCK] = x.new_empty(0)
+    return [x.new_empty(M, weights[-1].shape[0])] + saved
+
+
+@torch.library.custom_op("dwfast::chain_backward", mutates_args=())
+def chain_backward(
+    grad_out: Tensor, x: Tensor, weights: List[Tensor], saved: List[Tensor],
+    bn_modes: List[int], relus: List[bool], has_bias: List[bool], input_grad: bool,
+) -> List[Tensor]:
+    """[grad_x] + per block [dW, db, dgamma, dbeta] (empty where there is none)."""
+    M = x.shape[0]
+    L = len(weights)
+    blocks = [saved[i * _PER_BLOCK:(i + 1) * _PER_BLOCK] for i in range(L)]
+    acts = [_act(bn_modes[i], relus[i], blocks[i][0], blocks[i][1:]) for i in range(L)]
+    grads = [x.new_empty(0) for _ in range(1 + 4 * L)]
+
+    g_y, parts = grad_out.contiguous(), None
+    if not acts[-1].identity:
+        g_y, parts, _ = K.act_bwd(g_y, acts[-1])
+    for i in reversed(range(L)):
+        act, bn = acts[i], None
+        dgamma, dbeta = x.new_empty(0), x.new_empty(0)
+        if act.bn:
+            dgamma, dbeta, u, v = K.bn_grad(parts, M, act.scale, act.rstd, bn_modes[i] == BATCH)
+            bn = K.BNGrad(act.center, act.scale, u, v)
+        act_in = acts[i - 1] if i > 0 else K.NO_ACT
+        h = act_in.z if i > 0 else x
+        dw, db = K.linear_dw(g_y, act.z, h, bn, act_in=act_in, has_bias=has_bias[i])
+        grads[1 + 4 * i: 5 + 4 * i] = [dw, db if db is not None else x.new_empty(0), dgamma, dbeta]
+        if i > 0 or input_grad:
+            g_y, parts, _ = K.linear_dx(g_y, act.z, weights[i], bn, act_in=act_in)
+    if input_grad:
+        grads[0] = g_y
+    return grads
+
+
+@chain_backward.register_fake
+def _(grad_out, x, weights, saved, bn_modes, relus, has_bias, input_grad):
+    grads = [x.new_empty(x.shape) if input_grad else x.new_empty(0)]
+    for w, mode, bias in zip(weights, bn_modes, has_bias):
+        N = w.shape[0]
+        vec = x.new_empty(N, dtype=torch.float32) if mode != NO_BN else x.new_empty(0)
+        grads += [x.new_empty(w.shape), x.new_empty(N) if bias else x.new_empty(0), vec, vec.clone()]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, *_, has_bias, affine, bn_modes, relus, _eps = inputs
+    ctx.save_for_backward(x, *weights, *output[1:])
+    ctx.num_blocks = len(weights)
+    ctx.has_bias, ctx.affine, ctx.bn_modes, ctx.relus = has_bias, affine, bn_modes, relus
+    ctx.num_fixed = sum(m == FIXED for m in bn_modes)
+
+
+def _backward(ctx, grads):
+    x, *rest = ctx.saved_tensors
+    L = ctx.num_blocks
+    weights, saved = rest[:L], rest[L:]
+    out = chain_backward(grads[0], x, list(weights), list(saved), ctx.bn_modes, ctx.relus, ctx.has_bias,
+                         ctx.needs_input_grad[0])
+    per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
+    d_w = [g[0] for g in per]
+    d_b = [g[1] for i, g in enumerate(per) if ctx.has_bias[i]]
+    d_gamma = [g[2].to(weights[i].dtype) for i, g in enumerate(per) if ctx.affine[i]]
+    d_beta = [g[3].to(weights[i].dtype) for i, g in enumerate(per) if ctx.affine[i]]
+    d_x = out[0] if ctx.needs_input_grad[0] else None
+    no_stats = [None] * ctx.num_fixed
+    return d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats, None, None, None, None, None
+
+
+chain_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("dwfast::chain_infer", mutates_args=())
+def chain_infer(
+    x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], gammas: List[Optional[Tensor]],
+    betas: List[Optional[Tensor]], running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]],
+    relus: List[bool], eps: List[float],
+) -> Tensor:
+    """No-grad chain with running statistics: each block is one GEMM writing a_l directly."""
+    h = x
+    for i, w in enumerate(weights):
+        act = K.NO_ACT._replace(relu=relus[i])
+        if running_means[i] is not None:
+            mean, _, rstd, scale, shift = K.bn_stats(None, 1, x.shape[0], running_means[i], running_vars[i],
+                                                     gammas[i], betas[i], eps[i])
+            act = K.Act(None, mean, scale, shift, rstd, True, relus[i])
+        h, _, _ = K.linear_fwd(h, w, biases[i], act_out=act)
+    return h
+
+
+@chain_infer.register_fake
+def _(x, weights, biases, gammas, betas, running_means, running_vars, relus, eps):
+    return x.new_empty(x.shape[0], weights[-1].shape[0])
+
+
+@torch.library.custom_op("dwfast::update_running_stats", mutates_args=("running_means", "running_vars", "num_batches"))
+def update_running_stats(
+    running_means: List[Tensor], running_vars: List[Tensor], num_batches: List[Tensor],
+    means: List[Tensor], variances: List[Tensor], batch: int, momentums: List[float], cumulative: List[bool],
+) -> None:
+    """BatchNorm's training-mode update of running statistics, for each listed block."""
+    for i in range(len(running_means)):
+        K.update_running_stats(running_means[i], running_vars[i], num_batches[i], means[i], variances[i], batch,
+                               None if cumulative[i] else momentums[i])
+
+
+@update_running_stats.register_fake
+def _(running_means, running_vars, num_batches, means, variances, batch, momentums, cumulative):
+    return None
+
+
+def _present(tensors, keep=None):
+    return [t for i, t in enumerate(tensors) if t is not None and (keep is None or keep[i])]
+
+
+def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
+    """Run `blocks` on `x` through the custom ops (inputs already validated).
+
+    `upcast` runs 16-bit inputs through fp32 kernels and casts back (Triton's interpreter
+    mishandles bf16); gradients and running statistics still land in the original dtype.
+    """
+    lin = [b.linear for b in blocks]
+    bns = [b.bn for b in blocks]
+    dtype = x.dtype
+    cast = (lambda t: t if t is None else t.float()) if upcast and dtype != torch.float32 else (lambda t: t)
+    weights = [cast(m.weight) for m in lin]
+    biases = [cast(m.bias) for m in lin]
+    gammas = [cast(bn.weight) if bn is not None else None for bn in bns]
+    betas = [cast(bn.bias) if bn is not None else None for bn in bns]
+    run_means = [cast(bn.running_mean) if bn is not None else None for bn in bns]
+    run_vars = [cast(bn.running_var) if bn is not None else None for bn in bns]
+    modes = [NO_BN if bn is None else BATCH if _uses_batch_stats(bn) else FIXED for bn in bns]
+    relus = [b.relu for b in blocks]
+    eps = [float(bn.eps) if bn is not None else 0.0 for bn in bns]
+    x = cast(x)
+
+    params = [t for t in weights + biases + gammas + betas if t is not None]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    if not needs_grad and BATCH not in modes:
+        return chain_infer(x, weights, biases, gammas, betas, run_means, run_vars, relus, eps).to(dtype)
+
+    fixed = [m == FIXED for m in modes]
+    res = chain_forward(
+        x, weights, _present(biases), _present(gammas), _present(betas),
+        _present(run_means, fixed), _present(run_vars, fixed),
+        [b is not None for b in biases], [g is not None for g in gammas], modes, relus, eps)
+    tracked = [i for i, bn in enumerate(bns) if bn is not None and bn.training and bn.running_mean is not None]
+    if tracked:
+        rm = [run_means[i] for i in tracked]
+        rv = [run_vars[i] for i in tracked]
+        update_running_stats(
+            rm, rv, [bns[i].num_batches_tracked for i in tracked],
+            [res[1 + _PER_BLOCK * i + 1] for i in tracked], [res[1 + _PER_BLOCK * i + 2] for i in tracked],
+            x.shape[0], [float(bns[i].momentum or 0.0) for i in tracked], [bns[i].momentum is None for i in tracked])
+        for i, r_mean, r_var in zip(tracked, rm, rv):
+            if r_mean is not bns[i].running_mean:  # upcast copies: write back
+                bns[i].running_mean.copy_(r_mean)
+                bns[i].running_var.copy_(r_var)
+    return res[0].to(dtype)

@@ -1,0 +1,552 @@
+"""Fused Linear -> BatchNorm1d -> ReLU: one GEMM core, specialised by constexpr flags.
+
+A chain of blocks l = 1..L, input a_0 = x (B x K_1):
+
+    z_l = a_{l-1} @ W_l^T + b_l                     stored (the only B x N tensor kept per block)
+    a_l = relu((z_l - center_l) * scale_l + shift_l) never stored; rebuilt from z_l when needed
+
+`center, scale, shift` are per-feature fp32 vectors: with batch statistics center = mean,
+scale = gamma * rstd, shift = beta (kernels/batchnorm.py makes them); in eval the same
+from the running statistics. The centred form (z - mean) * scale + beta instead of
+z * scale + (beta - mean * scale) keeps the precision when |mean| >> std.
+
+Forward, one kernel per block (`_linear_fwd_kernel`):
+    prologue  A tile = a_{l-1} rebuilt from z_{l-1} in registers (block 1 reads x as is)
+    epilogue  + b_l; store z_l; per row tile write the column mean and M2 of z_l (fp32) to
+              [row_tiles, N] partial buffers, merged by Chan's formula in kernels/batchnorm.py.
+              In eval the block's BatchNorm and ReLU are folded here instead and a_l is stored.
+
+Backward, with g_l = dL/da_l and the ReLU mask applied, g_y = g_l * [pre-activation > 0]:
+    xhat   = (z - mean) * rstd
+    dgamma = sum_rows g_y * xhat,   dbeta = sum_rows g_y
+    g_z    = scale * g_y + u * (z - mean) + v,  u = -scale * rstd * dgamma / B,  v = -scale * dbeta / B
+             (u = v = 0 with running statistics; g_z = g_y without BatchNorm)
+    dW_l   = g_z^T @ a_{l-1},   db_l = sum_rows g_z,   g_{l-1} = g_z @ W_l
+`_linear_dx_kernel` builds g_z in its prologue and applies block l-1's mask in its epilogue,
+storing g_y of block l-1 with its column partials (sum g_y, sum g_y * xhat).
+`_linear_dw_kernel` builds g_z^T and a_{l-1} in its two prologues; the batch is its
+reduction axis, split into chunks whose fp32 partials are summed in a fixed order, and it
+also sums g_z over rows for db. Nothing is reduced with atomics: two identical backward
+passes are bitwise identical.
+
+`_act_fwd_kernel` / `_act_bwd_kernel` handle a chain that ends on BatchNorm/ReLU
+(no next GEMM to ride on): one elementwise pass each way.
+"""
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# How the A operand is transformed on its way into the dot.
+A_PLAIN = tl.constexpr(0)   # as stored
+A_ACT_K = tl.constexpr(1)   # a = act(z): features along the reduction axis (forward)
+A_GRAD_K = tl.constexpr(2)  # g_z from g_y and z: features along the reduction axis (dX)
+A_GRAD_M = tl.constexpr(3)  # g_z^T from g_y and z: features along the rows (dW)
+
+
+@triton.jit
+def _bn_act(z, center, scale, shift, HAS_BN: tl.constexpr, HAS_RELU: tl.constexpr):
+    """relu((z - center) * scale + shift) in fp32; BatchNorm and ReLU each optional."""
+    if HAS_BN:
+        z = (z - center) * scale + shift
+    if HAS_RELU:
+        z = tl.maximum(z, 0.0)
+    return z
+
+
+@triton.jit
+def _bn_grad(g_y, z, center, scale, u, v, BATCH_STATS: tl.constexpr):
+    """g_z = scale * g_y + u * (z - center) + v, in fp32 (u = v = 0 with running stats)."""
+    g_z = g_y * scale
+    if BATCH_STATS:
+        g_z += u * (z - center) + v
+    return g_z
+
+
+@triton.jit
+def _gemm_core(
+    # A operand [M, K] and, for the A_GRAD modes, the z of the same shape and strides
+    a_ptr, za_ptr, stride_am, stride_ak,
+    # B operand [K, N]
+    b_ptr, stride_bk, stride_bn,
+    # per-feature vectors of A's transform (act: center/scale/shift; grad: center/scale/u/v)
+    a_center_ptr, a_scale_ptr, a_shift_ptr, a_u_ptr, a_v_ptr,
+    # per-feature vectors of B's transform (act of the features along N)
+    b_center_ptr, b_scale_ptr, b_shift_ptr,
+    # tile coordinates and sizes
+    offs_m, offs_n, M, N, k_start, k_end,
+    # meta-parameters
+    A_MODE: tl.constexpr, A_BN: tl.constexpr, A_RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
+    B_ACT: tl.constexpr, B_BN: tl.constexpr, B_RELU: tl.constexpr, ROW_SUM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """acc = T_A(A)[offs_m, k_start:k_end] @ T_B(B)[k_start:k_end, offs_n] in fp32.
+
+    Also returns the row sums of T_A(A) over the same k range when ROW_SUM (db in dW).
+    Masked-out elements are zeroed after the transform: act(0) is relu(shift), not 0.
+    """
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    # Vectors indexed by rows or columns of the tile are loaded once, outside the k loop.
+    if A_MODE == A_GRAD_M:
+        am_center = tl.load(a_center_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        am_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        am_u = tl.load(a_u_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        am_v = tl.load(a_v_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+    if B_ACT:
+        bn_center = tl.load(b_center_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        bn_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
+        bn_shift = tl.load(b_shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        a_offs = rows[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
+        a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
+        if A_MODE != A_PLAIN:
+            a32 = a.to(tl.float32)
+            if A_MODE == A_ACT_K:
+                center = tl.load(a_center_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                scale = tl.load(a_scale_ptr + offs_k, mask=mask_k, other=1.0)[None, :]
+                shift = tl.load(a_shift_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                a32 = _bn_act(a32, center, scale, shift, A_BN, A_RELU)
+            else:
+                z = tl.load(za_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+                if A_MODE == A_GRAD_K:
+                    center = tl.load(a_center_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                    scale = tl.load(a_scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                    u = tl.load(a_u_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                    v = tl.load(a_v_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                    a32 = _bn_grad(a32, z, center, scale, u, v, BATCH_STATS)
+                else:
+                    a32 = _bn_grad(a32, z, am_center, am_scale, am_u, am_v, BATCH_STATS)
+            a32 = tl.where(a_mask, a32, 0.0)
+            a = a32.to(a_ptr.dtype.element_ty)
+        if ROW_SUM:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
+        b_mask = mask_k[:, None] & mask_n[None, :]
+        b_offs = offs_k.to(tl.int64)[:, None] * stride_bk + cols[None, :] * stride_bn
+        b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
+        if B_ACT:
+            b32 = _bn_act(b.to(tl.float32), bn_center, bn_scale, bn_shift, B_BN, B_RELU)
+            b = tl.where(b_mask, b32, 0.0).to(b_ptr.dtype.element_ty)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc, row_sum
+
+
+@triton.jit
+def _grad_epilogue(
+    g, offs_m, offs_n, M, N, pid_m,
+    z_ptr, stride_zm, stride_zn, center_ptr, scale_ptr, shift_ptr, rstd_ptr,
+    g_ptr, stride_gm, stride_gn, g_sum_part_ptr, g_xhat_part_ptr,
+    HAS_BN: tl.constexpr, HAS_RELU: tl.constexpr, STATS: tl.constexpr,
+):
+    """g_y = g * [act input > 0]; store g_y and, with STATS, its column partials
+    sum(g_y) and sum(g_y * xhat) for this row tile (fp32, [row_tiles, N])."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    cols = offs_n.to(tl.int64)[None, :]
+    if HAS_BN or HAS_RELU:
+        z = tl.load(z_ptr + rows * stride_zm + cols * stride_zn, mask=mask, other=0.0).to(tl.float32)
+        center = tl.load(center_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_RELU:
+        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
+        shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        # the same expression as the forward, so the mask is the forward's exactly
+        g = tl.where(_bn_act(z, center, scale, shift, HAS_BN, False) > 0.0, g, 0.0)
+    g_out = g.to(g_ptr.dtype.element_ty)
+    tl.store(g_ptr + rows * stride_gm + cols * stride_gn, g_out, mask=mask)
+    if STATS:
+        # statistics of the rounded values actually stored, as eager computes them
+        g_y = tl.where(mask, g_out.to(tl.float32), 0.0)
+        rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        xhat = (z - center) * rstd
+        tl.store(g_sum_part_ptr + pid_m * N + offs_n, tl.sum(g_y, axis=0), mask=mask_n)
+        tl.store(g_xhat_part_ptr + pid_m * N + offs_n, tl.sum(g_y * xhat, axis=0), mask=mask_n)
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, z_ptr, bias_ptr,
+    in_center_ptr, in_scale_ptr, in_shift_ptr,     # previous block's BN, applied to x on load
+    out_center_ptr, out_scale_ptr, out_shift_ptr,  # this block's BN folded in the epilogue (eval)
+    mean_part_ptr, m2_part_ptr,                    # [row_tiles, N] column partials of z
+    # sizes
+    M, N, K,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_zm, stride_zn,
+    # meta-parameters
+    IN_ACT: tl.constexpr, IN_BN: tl.constexpr, IN_RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUT_BN: tl.constexpr, OUT_RELU: tl.constexpr, STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """z = act_in(x) @ W^T + b (or its eval-mode activation), plus column partials of z."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, _ = _gemm_core(
+        x_ptr, x_ptr, stride_xm, stride_xk,
+        w_ptr, stride_wk, stride_wn,
+        in_center_ptr, in_scale_ptr, in_shift_ptr, in_center_ptr, in_center_ptr,
+        in_center_ptr, in_center_ptr, in_center_ptr,
+        offs_m, offs_n, M, N, 0, K,
+        A_ACT_K if IN_ACT else A_PLAIN, IN_BN, IN_RELU, False, False, False, False, False,
+        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+    )
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if OUT_BN or OUT_RELU:
+        center = tl.load(out_center_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
+        shift = tl.load(out_shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        acc = _bn_act(acc, center, scale, shift, OUT_BN, OUT_RELU)
+    z = acc.to(z_ptr.dtype.element_ty)
+    z_offs = offs_m.to(tl.int64)[:, None] * stride_zm + offs_n.to(tl.int64)[None, :] * stride_zn
+    tl.store(z_ptr + z_offs, z, mask=mask)
+    if STATS:
+        # Per-tile mean and M2 of the stored (rounded) z; merged across tiles by Chan's
+        # formula, so no E[z^2] - E[z]^2 cancellation.
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        z32 = tl.where(mask, z.to(tl.float32), 0.0)
+        mean = tl.sum(z32, axis=0) / count
+        dev = tl.where(mask, z32 - mean[None, :], 0.0)
+        tl.store(mean_part_ptr + pid_m * N + offs_n, mean, mask=mask_n)
+        tl.store(m2_part_ptr + pid_m * N + offs_n, tl.sum(dev * dev, axis=0), mask=mask_n)
+
+
+@triton.jit
+def _linear_dx_kernel(
+    # pointers
+    g_y_ptr, z_ptr, w_ptr, g_in_ptr,              # g_in = g_z @ W, with the previous block's mask
+    center_ptr, scale_ptr, u_ptr, v_ptr,          # this block's BN backward coefficients
+    z_in_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, in_rstd_ptr,  # previous block
+    g_sum_part_ptr, g_xhat_part_ptr,              # [row_tiles, N] partials of the stored g_in
+    # sizes: M = batch, N = in_features, K = out_features
+    M, N, K,
+    # strides (g_y and z share theirs)
+    stride_gm, stride_gk, stride_wk, stride_wn, stride_im, stride_in, stride_zim, stride_zin,
+    # meta-parameters
+    HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
+    IN_BN: tl.constexpr, IN_RELU: tl.constexpr, IN_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """g_y of the previous block = mask_in(g_z @ W), g_z built from g_y and z on load."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, _ = _gemm_core(
+        g_y_ptr, z_ptr, stride_gm, stride_gk,
+        w_ptr, stride_wk, stride_wn,
+        center_ptr, scale_ptr, center_ptr, u_ptr, v_ptr,
+        center_ptr, center_ptr, center_ptr,
+        offs_m, offs_n, M, N, 0, K,
+        A_GRAD_K if HAS_BN else A_PLAIN, False, False, BATCH_STATS, False, False, False, False,
+        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+    )
+    _grad_epilogue(
+        acc, offs_m, offs_n, M, N, pid_m,
+        z_in_ptr, stride_zim, stride_zin, in_center_ptr, in_scale_ptr, in_shift_ptr, in_rstd_ptr,
+        g_in_ptr, stride_im, stride_in, g_sum_part_ptr, g_xhat_part_ptr,
+        IN_BN, IN_RELU, IN_STATS,
+    )
+
+
+@triton.jit
+def _linear_dw_kernel(
+    # pointers
+    g_y_ptr, z_ptr, x_ptr, dw_ptr, db_part_ptr,
+    center_ptr, scale_ptr, u_ptr, v_ptr,          # this block's BN backward (features = rows of dW)
+    in_center_ptr, in_scale_ptr, in_shift_ptr,    # previous block's act on x (features = cols)
+    # sizes: M = out_features, N = in_features, B = batch, split into chunks of ROWS_PER_SPLIT
+    M, N, B, ROWS_PER_SPLIT,
+    # strides (g_y and z share theirs)
+    stride_gb, stride_gm, stride_xb, stride_xn, stride_ds, stride_dm, stride_dn,
+    # meta-parameters
+    HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
+    IN_ACT: tl.constexpr, IN_BN: tl.constexpr, IN_RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dW[split] = g_z^T @ act_in(x) over one chunk of the batch; db[split] = its row sums."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = pid_s * ROWS_PER_SPLIT
+    k_end = tl.minimum(k_start + ROWS_PER_SPLIT, B)
+    acc, row_sum = _gemm_core(
+        g_y_ptr, z_ptr, stride_gm, stride_gb,
+        x_ptr, stride_xb, stride_xn,
+        center_ptr, scale_ptr, center_ptr, u_ptr, v_ptr,
+        in_center_ptr, in_scale_ptr, in_shift_ptr,
+        offs_m, offs_n, M, N, k_start, k_end,
+        A_GRAD_M if HAS_BN else A_PLAIN, False, False, BATCH_STATS, IN_ACT, IN_BN, IN_RELU, HAS_BIAS,
+        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+    )
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & (offs_n < N)[None, :]
+    d_offs = pid_s * stride_ds + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :] * stride_dn
+    tl.store(dw_ptr + d_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        if pid_n == 0:
+            tl.store(db_part_ptr + pid_s * M + offs_m, row_sum, mask=mask_m)
+
+
+@triton.jit
+def _act_fwd_kernel(
+    z_ptr, a_ptr, center_ptr, scale_ptr, shift_ptr,
+    M, N, stride_zm, stride_zn, stride_am, stride_an,
+    HAS_BN: tl.constexpr, HAS_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """a = act(z) for the last block of a chain (nothing after it to fuse into)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
+    center = tl.load(center_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
+    shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    a = _bn_act(z.to(tl.float32), center, scale, shift, HAS_BN, HAS_RELU)
+    tl.store(a_ptr + rows * stride_am + offs_n[None, :] * stride_an, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_bwd_kernel(
+    g_ptr, z_ptr, g_y_ptr, center_ptr, scale_ptr, shift_ptr, rstd_ptr,
+    g_sum_part_ptr, g_xhat_part_ptr,
+    M, N, stride_gm, stride_gn, stride_zm, stride_zn, stride_ym, stride_yn,
+    HAS_BN: tl.constexpr, HAS_RELU: tl.constexpr, STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """g_y = mask(dL/da) and its column partials, for the last block of a chain."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    g_offs = offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+    _grad_epilogue(
+        g, offs_m, offs_n, M, N, pid_m,
+        z_ptr, stride_zm, stride_zn, center_ptr, scale_ptr, shift_ptr, rstd_ptr,
+        g_y_ptr, stride_ym, stride_yn, g_sum_part_ptr, g_xhat_part_ptr,
+        HAS_BN, HAS_RELU, STATS,
+    )
+
+
+
+# ---------------------------------------------------------------- launchers
+
+
+class Act(NamedTuple):
+    """A block's activation a = relu((z - center) * scale + shift) and what its backward needs.
+
+    The vectors are fp32 of the block's width (None without BatchNorm); `rstd` turns z into
+    xhat; `z` is the block's stored pre-BN output (None where not kept, e.g. in eval).
+    """
+    z: Optional[torch.Tensor]
+    center: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+    shift: Optional[torch.Tensor]
+    rstd: Optional[torch.Tensor]
+    bn: bool
+    relu: bool
+
+    @property
+    def identity(self) -> bool:
+        return not (self.bn or self.relu)
+
+
+class BNGrad(NamedTuple):
+    """A block's BatchNorm backward: g_z = scale * g_y + u * (z - center) + v (u, v only
+    with batch statistics)."""
+    center: torch.Tensor
+    scale: torch.Tensor
+    u: Optional[torch.Tensor]
+    v: Optional[torch.Tensor]
+
+    @property
+    def batch_stats(self) -> bool:
+        return self.u is not None
+
+
+NO_ACT = Act(None, None, None, None, None, False, False)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 honours torch's matmul precision: "highest" means exact fp32 products.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _tiles(M: int, N: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an M x N output."""
+    if _interpreting():
+        return 32, 32, 32, 4, 1  # small tiles, so small test shapes still cross tile edges
+    block_m = 128 if M >= 2048 else 64
+    block_n = min(128, max(16, triton.next_power_of_2(N)))
+    block_k = 32 if dtype == torch.float32 else 64
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return block_m, block_n, block_k, num_warps, 3
+
+
+def _partials(row_tiles: int, N: int, device):
+    return tuple(torch.empty((row_tiles, N), device=device, dtype=torch.float32) for _ in range(2))
+
+
+def linear_fwd(x, weight, bias, act_in: Act = NO_ACT, act_out: Act = NO_ACT, stats: bool = False):
+    """z = act_in(x) @ weight^T + bias, or act_out(z) (eval: BatchNorm folded in).
+
+    Returns (z, partials, tile_rows): with `stats`, partials are the per-row-tile column
+    mean and M2 of z (fp32 [row_tiles, N]) that `batchnorm.bn_stats` merges.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    z = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, x.dtype)
+    row_tiles = triton.cdiv(M, block_m)
+    parts = _partials(row_tiles, N, x.device) if stats else (None, None)
+    _linear_fwd_kernel[(row_tiles, triton.cdiv(N, block_n))](
+        x, weight, z, bias,
+        act_in.center, act_in.scale, act_in.shift, act_out.center, act_out.scale, act_out.shift,
+        *parts,
+        M, N, K,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
+        IN_ACT=not act_in.identity, IN_BN=act_in.bn, IN_RELU=act_in.relu, HAS_BIAS=bias is not None,
+        OUT_BN=act_out.bn, OUT_RELU=act_out.relu, STATS=stats,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return z, (parts if stats else None), block_m
+
+
+def linear_dx(g_y, z, weight, bn: Optional[BNGrad], act_in: Act = NO_ACT):
+    """The previous block's g_y = act_in's ReLU mask applied to g_z @ weight.
+
+    g_z is built on load from this block's g_y and z (`bn`, or g_z = g_y without BatchNorm).
+    Returns (g_y_in, partials, tile_rows): with BatchNorm in `act_in`, partials are the
+    per-row-tile column sums of g_y_in and g_y_in * xhat_in for `batchnorm.bn_grad`.
+    """
+    M, K = g_y.shape
+    N = weight.shape[1]
+    g_in = torch.empty((M, N), device=g_y.device, dtype=g_y.dtype)
+    block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, g_y.dtype)
+    row_tiles = triton.cdiv(M, block_m)
+    parts = _partials(row_tiles, N, g_y.device) if act_in.bn else (None, None)
+    z_in = act_in.z if act_in.z is not None else g_in  # unused without act_in
+    bn = bn if bn is not None else BNGrad(None, None, None, None)
+    _linear_dx_kernel[(row_tiles, triton.cdiv(N, block_n))](
+        g_y, z, weight, g_in,
+        bn.center, bn.scale, bn.u, bn.v,
+        act_in.z, act_in.center, act_in.scale, act_in.shift, act_in.rstd,
+        *parts,
+        M, N, K,
+        g_y.stride(0), g_y.stride(1), weight.stride(0), weight.stride(1),
+        g_in.stride(0), g_in.stride(1), z_in.stride(0), z_in.stride(1),
+        HAS_BN=bn.center is not None, BATCH_STATS=bn.batch_stats,
+        IN_BN=act_in.bn, IN_RELU=act_in.relu, IN_STATS=act_in.bn,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(g_y.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return g_in, (parts if act_in.bn else None), block_m
+
+
+def _batch_splits(B: int, tiles: int, block_k: int) -> int:
+    """How many chunks the dW reduction over the batch is split into: enough programs to
+    fill the device, each chunk still a long run of BLOCK_K steps."""
+    if _interpreting():
+        return triton.cdiv(B, 4 * block_k)  # several chunks at test sizes, to test the split
+    target = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(triton.cdiv(target, tiles), triton.cdiv(B, 8 * block_k)))
+
+
+def linear_dw(g_y, z, x, bn: Optional[BNGrad], act_in: Act = NO_ACT, has_bias: bool = True):
+    """dW = g_z^T @ act_in(x) and db = sum_rows g_z (None without `has_bias`).
+
+    The batch is split into chunks with fp32 partials summed in chunk order (deterministic).
+    """
+    B, M = g_y.shape
+    N = x.shape[1]
+    block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, g_y.dtype)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    splits = _batch_splits(B, tiles, block_k)
+    rows_per_split = triton.cdiv(triton.cdiv(B, splits), block_k) * block_k
+    splits = triton.cdiv(B, rows_per_split)
+    dw_dtype = g_y.dtype if splits == 1 else torch.float32
+    dw = torch.empty((splits, M, N), device=g_y.device, dtype=dw_dtype)
+    db = torch.empty((splits, M), device=g_y.device, dtype=torch.float32) if has_bias else None
+    bn = bn if bn is not None else BNGrad(None, None, None, None)
+    _linear_dw_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)](
+        g_y, z, x, dw, db,
+        bn.center, bn.scale, bn.u, bn.v,
+        act_in.center, act_in.scale, act_in.shift,
+        M, N, B, rows_per_split,
+        g_y.stride(0), g_y.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        HAS_BN=bn.center is not None, BATCH_STATS=bn.batch_stats,
+        IN_ACT=not act_in.identity, IN_BN=act_in.bn, IN_RELU=act_in.relu, HAS_BIAS=has_bias,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(g_y.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    dw = dw[0] if splits == 1 else dw.sum(0).to(g_y.dtype)
+    if db is not None:
+        db = db.sum(0).to(g_y.dtype)
+    return dw, db
+
+
+def _elementwise_tiles(M: int, N: int):
+    block_n = min(128, triton.next_power_of_2(N))
+    return (32 if _interpreting() else max(16, 4096 // block_n)), block_n
+
+
+def act_fwd(act: Act):
+    """a = act(act.z) for a chain's last block."""
+    z = act.z
+    M, N = z.shape
+    a = torch.empty_like(z)
+    block_m, block_n = _elementwise_tiles(M, N)
+    _act_fwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        z, a, act.center, act.scale, act.shift,
+        M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1),
+        HAS_BN=act.bn, HAS_RELU=act.relu, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return a
+
+
+def act_bwd(grad, act: Act):
+    """g_y = ReLU mask of `act` applied to grad = dL/da, for a chain's last block.
+
+    Returns (g_y, partials, tile_rows) as `linear_dx` does.
+    """
+    M, N = grad.shape
+    g_y = torch.empty((M, N), device=grad.device, dtype=grad.dtype)
+    block_m, block_n = _elementwise_tiles(M, N)
+    row_tiles = triton.cdiv(M, block_m)
+    parts = _partials(row_tiles, N, grad.device) if act.bn else (None, None)
+    _act_bwd_kernel[(row_tiles, triton.cdiv(N, block_n))](
+        grad, act.z, g_y, act.center, act.scale, act.shift, act.rstd,
+        *parts,
+        M, N, grad.stride(0), grad.stride(1), act.z.stride(0), act.z.stride(1), g_y.stride(0), g_y.stride(1),
+        HAS_BN=act.bn, HAS_RELU=act.relu, STATS=act.bn, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return g_y, (parts if act.bn else None), block_m
