@@ -48,15 +48,16 @@ def _expand(present: List[Tensor], flags: List[bool]) -> List[Optional[Tensor]]:
 def chain_forward(
     x: Tensor, weights: List[Tensor], biases: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
     running_means: List[Tensor], running_vars: List[Tensor],
-    has_bias: List[bool], affine: List[bool], bn_modes: List[int], relus: List[bool], eps: List[float],
+    has_bias: List[bool], has_gamma: List[bool], has_beta: List[bool],
+    bn_modes: List[int], relus: List[bool], eps: List[float],
 ) -> List[Tensor]:
     """[out] + per block [z, mean, var, rstd, scale, shift] (empty where a block keeps none).
 
     `biases` of the blocks with `has_bias`, `gammas`/`betas` of the BatchNorm blocks with
-    `affine`, `running_means`/`running_vars` of the FIXED blocks. The last block's z is kept
+    `has_gamma`/`has_beta`, `running_means`/`running_vars` of the FIXED blocks. The last block's z is kept
     only when an activation follows it (otherwise it is `out`).
     """
-    biases, gammas, betas = _expand(biases, has_bias), _expand(gammas, affine), _expand(betas, affine)
+    biases, gammas, betas = _expand(biases, has_bias), _expand(gammas, has_gamma), _expand(betas, has_beta)
     fixed = [m == FIXED for m in bn_modes]
     running_means, running_vars = _expand(running_means, fixed), _expand(running_vars, fixed)
     M = x.shape[0]
@@ -79,7 +80,8 @@ def chain_forward(
 
 
 @chain_forward.register_fake
-def _(x, weights, biases, gammas, betas, running_means, running_vars, has_bias, affine, bn_modes, relus, eps):
+def _(x, weights, biases, gammas, betas, running_means, running_vars, has_bias, has_gamma, has_beta,
+      bn_modes, relus, eps):
     M = x.shape[0]
     saved = []
     for w, mode in zip(weights, bn_modes):
@@ -134,10 +136,11 @@ def _(grad_out, x, weights, saved, bn_modes, relus, has_bias, input_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, *_, has_bias, affine, bn_modes, relus, _eps = inputs
+    x, weights, *_, has_bias, has_gamma, has_beta, bn_modes, relus, _eps = inputs
     ctx.save_for_backward(x, *weights, *output[1:])
     ctx.num_blocks = len(weights)
-    ctx.has_bias, ctx.affine, ctx.bn_modes, ctx.relus = has_bias, affine, bn_modes, relus
+    ctx.has_bias, ctx.has_gamma, ctx.has_beta = has_bias, has_gamma, has_beta
+    ctx.bn_modes, ctx.relus = bn_modes, relus
     ctx.num_fixed = sum(m == FIXED for m in bn_modes)
 
 
@@ -150,11 +153,11 @@ def _backward(ctx, grads):
     per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
     d_w = [g[0] for g in per]
     d_b = [g[1] for i, g in enumerate(per) if ctx.has_bias[i]]
-    d_gamma = [g[2].to(weights[i].dtype) for i, g in enumerate(per) if ctx.affine[i]]
-    d_beta = [g[3].to(weights[i].dtype) for i, g in enumerate(per) if ctx.affine[i]]
+    d_gamma = [g[2].to(weights[i].dtype) for i, g in enumerate(per) if ctx.has_gamma[i]]
+    d_beta = [g[3].to(weights[i].dtype) for i, g in enumerate(per) if ctx.has_beta[i]]
     d_x = out[0] if ctx.needs_input_grad[0] else None
     no_stats = [None] * ctx.num_fixed
-    return d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats, None, None, None, None, None
+    return (d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats) + (None,) * 6  # the flag lists
 
 
 chain_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -233,7 +236,8 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     res = chain_forward(
         x, weights, _present(biases), _present(gammas), _present(betas),
         _present(run_means, fixed), _present(run_vars, fixed),
-        [b is not None for b in biases], [g is not None for g in gammas], modes, relus, eps)
+        [b is not None for b in biases], [g is not None for g in gammas], [b is not None for b in betas],
+        modes, relus, eps)
     tracked = [i for i, bn in enumerate(bns) if bn is not None and bn.training and bn.running_mean is not None]
     if tracked:
         rm = [run_means[i] for i in tracked]

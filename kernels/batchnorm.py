@@ -1,11 +1,14 @@
 """BatchNorm1d's per-feature steps between the fused GEMMs (tiny: O(row_tiles x N) work).
 
-Forward finalize, from the GEMM epilogue's per-row-tile (mean_t, M2_t) of z, in tile order
-(Chan et al.'s parallel update, exact in exact arithmetic and free of cancellation):
+Forward finalize, from the GEMM epilogue's per-row-tile (shift_t, mean_t, M2_t) of z, with
+mean_t and M2_t taken about shift_t (the tile's first z), merged in tile order about the
+first tile's shift c = shift_0 (Chan et al.'s parallel update: free of cancellation, and
+precise even when |mean| >> std, since every mean it adds is small next to c):
 
-    n = n_a + n_t;  delta = mean_t - mean_a
+    mean_t' = mean_t + (shift_t - c)
+    n = n_a + n_t;  delta = mean_t' - mean_a
     mean_a += delta * n_t / n;  M2_a += M2_t + delta^2 * n_a * n_t / n
-    var = M2 / B (biased, used to normalise);  rstd = rsqrt(var + eps)
+    mean = c + mean_a;  var = M2 / B (biased, used to normalise);  rstd = rsqrt(var + eps)
     center = mean;  scale = gamma * rstd;  shift = beta
 
 With running statistics (eval) the same outputs come from running_mean / running_var.
@@ -28,12 +31,12 @@ import triton.language as tl
 @triton.jit
 def _bn_stats_kernel(
     # pointers
-    mean_part_ptr, m2_part_ptr, run_mean_ptr, run_var_ptr, gamma_ptr, beta_ptr,
+    shift_part_ptr, mean_part_ptr, m2_part_ptr, run_mean_ptr, run_var_ptr, gamma_ptr, beta_ptr,
     mean_ptr, var_ptr, rstd_ptr, scale_ptr, shift_ptr,
     # sizes
     M, N, row_tiles, eps,
     # meta-parameters
-    BATCH_STATS: tl.constexpr, HAS_AFFINE: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs_n < N
@@ -41,9 +44,11 @@ def _bn_stats_kernel(
         count = tl.zeros((BLOCK_N,), dtype=tl.float32)
         mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
         m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        origin = tl.load(shift_part_ptr + offs_n, mask=mask, other=0.0)
         for t in range(0, row_tiles):
             n_t = tl.minimum(M - t * TILE_ROWS, TILE_ROWS).to(tl.float32)
-            mean_t = tl.load(mean_part_ptr + t * N + offs_n, mask=mask, other=0.0)
+            shift_t = tl.load(shift_part_ptr + t * N + offs_n, mask=mask, other=0.0)
+            mean_t = tl.load(mean_part_ptr + t * N + offs_n, mask=mask, other=0.0) + (shift_t - origin)
             m2_t = tl.load(m2_part_ptr + t * N + offs_n, mask=mask, other=0.0)
             total = count + n_t
             delta = mean_t - mean
@@ -51,16 +56,17 @@ def _bn_stats_kernel(
             m2 += m2_t + delta * delta * (count * n_t / total)
             count = total
         var = m2 / count
+        mean += origin
     else:
         mean = tl.load(run_mean_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
         var = tl.load(run_var_ptr + offs_n, mask=mask, other=1.0).to(tl.float32)
     rstd = tl.math.rsqrt(var + eps)
-    if HAS_AFFINE:
-        scale = tl.load(gamma_ptr + offs_n, mask=mask, other=1.0).to(tl.float32) * rstd
-        shift = tl.load(beta_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
-    else:
-        scale = rstd
-        shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    scale = rstd
+    shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_GAMMA:
+        scale *= tl.load(gamma_ptr + offs_n, mask=mask, other=1.0).to(tl.float32)
+    if HAS_BETA:
+        shift += tl.load(beta_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
     tl.store(mean_ptr + offs_n, mean, mask=mask)
     tl.store(var_ptr + offs_n, var, mask=mask)
     tl.store(rstd_ptr + offs_n, rstd, mask=mask)
@@ -134,11 +140,11 @@ def bn_stats(partials, tile_rows: int, M: int, running_mean, running_var, gamma,
     ref = running_mean if partials is None else partials[0]
     N = ref.shape[-1]
     out = [torch.empty(N, device=ref.device, dtype=torch.float32) for _ in range(5)]
-    mean_part, m2_part = partials if partials is not None else (None, None)
+    shift_part, mean_part, m2_part = partials if partials is not None else (None, None, None)
     _bn_stats_kernel[(triton.cdiv(N, _BLOCK_N),)](
-        mean_part, m2_part, running_mean, running_var, gamma, beta, *out,
+        shift_part, mean_part, m2_part, running_mean, running_var, gamma, beta, *out,
         M, N, 0 if partials is None else partials[0].shape[0], eps,
-        BATCH_STATS=partials is not None, HAS_AFFINE=gamma is not None,
+        BATCH_STATS=partials is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
         TILE_ROWS=tile_rows, BLOCK_N=_BLOCK_N,
     )
     return tuple(out)

@@ -12,8 +12,9 @@ z * scale + (beta - mean * scale) keeps the precision when |mean| >> std.
 
 Forward, one kernel per block (`_linear_fwd_kernel`):
     prologue  A tile = a_{l-1} rebuilt from z_{l-1} in registers (block 1 reads x as is)
-    epilogue  + b_l; store z_l; per row tile write the column mean and M2 of z_l (fp32) to
-              [row_tiles, N] partial buffers, merged by Chan's formula in kernels/batchnorm.py.
+    epilogue  + b_l; store z_l; per row tile write the column mean and M2 of z_l (fp32,
+              relative to the tile's first row) to [row_tiles, N] partial buffers, merged
+              by Chan's formula in kernels/batchnorm.py.
               In eval the block's BatchNorm and ReLU are folded here instead and a_l is stored.
 
 Backward, with g_l = dL/da_l and the ReLU mask applied, g_y = g_l * [pre-activation > 0]:
@@ -57,6 +58,19 @@ def _bn_act(z, center, scale, shift, HAS_BN: tl.constexpr, HAS_RELU: tl.constexp
 
 
 @triton.jit
+def _act_vectors(center_ptr, scale_ptr, shift_ptr, offs, mask, HAS_BN: tl.constexpr):
+    """center, scale, shift at feature indices `offs`, as [1, BLOCK] rows (unused without BN)."""
+    center = 0.0
+    scale = 1.0
+    shift = 0.0
+    if HAS_BN:
+        center = tl.load(center_ptr + offs, mask=mask, other=0.0)[None, :]
+        scale = tl.load(scale_ptr + offs, mask=mask, other=1.0)[None, :]
+        shift = tl.load(shift_ptr + offs, mask=mask, other=0.0)[None, :]
+    return center, scale, shift
+
+
+@triton.jit
 def _bn_grad(g_y, z, center, scale, u, v, BATCH_STATS: tl.constexpr):
     """g_z = scale * g_y + u * (z - center) + v, in fp32 (u = v = 0 with running stats)."""
     g_z = g_y * scale
@@ -95,12 +109,13 @@ def _gemm_core(
     if A_MODE == A_GRAD_M:
         am_center = tl.load(a_center_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
         am_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        am_u = tl.load(a_u_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        am_v = tl.load(a_v_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        am_u = 0.0
+        am_v = 0.0
+        if BATCH_STATS:
+            am_u = tl.load(a_u_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+            am_v = tl.load(a_v_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     if B_ACT:
-        bn_center = tl.load(b_center_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        bn_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
-        bn_shift = tl.load(b_shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        bn_center, bn_scale, bn_shift = _act_vectors(b_center_ptr, b_scale_ptr, b_shift_ptr, offs_n, mask_n, B_BN)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -113,17 +128,18 @@ def _gemm_core(
         if A_MODE != A_PLAIN:
             a32 = a.to(tl.float32)
             if A_MODE == A_ACT_K:
-                center = tl.load(a_center_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-                scale = tl.load(a_scale_ptr + offs_k, mask=mask_k, other=1.0)[None, :]
-                shift = tl.load(a_shift_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                center, scale, shift = _act_vectors(a_center_ptr, a_scale_ptr, a_shift_ptr, offs_k, mask_k, A_BN)
                 a32 = _bn_act(a32, center, scale, shift, A_BN, A_RELU)
             else:
                 z = tl.load(za_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
                 if A_MODE == A_GRAD_K:
                     center = tl.load(a_center_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
                     scale = tl.load(a_scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-                    u = tl.load(a_u_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-                    v = tl.load(a_v_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                    u = 0.0
+                    v = 0.0
+                    if BATCH_STATS:
+                        u = tl.load(a_u_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                        v = tl.load(a_v_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
                     a32 = _bn_grad(a32, z, center, scale, u, v, BATCH_STATS)
                 else:
                     a32 = _bn_grad(a32, z, am_center, am_scale, am_u, am_v, BATCH_STATS)
@@ -157,10 +173,8 @@ def _grad_epilogue(
     cols = offs_n.to(tl.int64)[None, :]
     if HAS_BN or HAS_RELU:
         z = tl.load(z_ptr + rows * stride_zm + cols * stride_zn, mask=mask, other=0.0).to(tl.float32)
-        center = tl.load(center_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        center, scale, shift = _act_vectors(center_ptr, scale_ptr, shift_ptr, offs_n, mask_n, HAS_BN)
     if HAS_RELU:
-        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
-        shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         # the same expression as the forward, so the mask is the forward's exactly
         g = tl.where(_bn_act(z, center, scale, shift, HAS_BN, False) > 0.0, g, 0.0)
     g_out = g.to(g_ptr.dtype.element_ty)
@@ -180,7 +194,7 @@ def _linear_fwd_kernel(
     x_ptr, w_ptr, z_ptr, bias_ptr,
     in_center_ptr, in_scale_ptr, in_shift_ptr,     # previous block's BN, applied to x on load
     out_center_ptr, out_scale_ptr, out_shift_ptr,  # this block's BN folded in the epilogue (eval)
-    mean_part_ptr, m2_part_ptr,                    # [row_tiles, N] column partials of z
+    shift_part_ptr, mean_part_ptr, m2_part_ptr,    # [row_tiles, N] column partials of z
     # sizes
     M, N, K,
     # strides
@@ -210,20 +224,22 @@ def _linear_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if OUT_BN or OUT_RELU:
-        center = tl.load(out_center_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
-        shift = tl.load(out_shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        center, scale, shift = _act_vectors(out_center_ptr, out_scale_ptr, out_shift_ptr, offs_n, mask_n, OUT_BN)
         acc = _bn_act(acc, center, scale, shift, OUT_BN, OUT_RELU)
     z = acc.to(z_ptr.dtype.element_ty)
     z_offs = offs_m.to(tl.int64)[:, None] * stride_zm + offs_n.to(tl.int64)[None, :] * stride_zn
     tl.store(z_ptr + z_offs, z, mask=mask)
     if STATS:
-        # Per-tile mean and M2 of the stored (rounded) z; merged across tiles by Chan's
-        # formula, so no E[z^2] - E[z]^2 cancellation.
+        # Per-tile mean and M2 of the stored (rounded) z, merged across tiles by Chan's
+        # formula: no E[z^2] - E[z]^2 cancellation. Both are taken relative to the tile's
+        # first row, so a large common offset (|mean| >> std) costs no precision either.
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        z32 = tl.where(mask, z.to(tl.float32), 0.0)
-        mean = tl.sum(z32, axis=0) / count
-        dev = tl.where(mask, z32 - mean[None, :], 0.0)
+        z32 = z.to(tl.float32)
+        shift = tl.sum(tl.where((offs_m == pid_m * BLOCK_M)[:, None], z32, 0.0), axis=0)
+        diff = tl.where(mask, z32 - shift[None, :], 0.0)
+        mean = tl.sum(diff, axis=0) / count
+        dev = tl.where(mask, diff - mean[None, :], 0.0)
+        tl.store(shift_part_ptr + pid_m * N + offs_n, shift, mask=mask_n)
         tl.store(mean_part_ptr + pid_m * N + offs_n, mean, mask=mask_n)
         tl.store(m2_part_ptr + pid_m * N + offs_n, tl.sum(dev * dev, axis=0), mask=mask_n)
 
@@ -320,9 +336,7 @@ def _act_fwd_kernel(
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
-    center = tl.load(center_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
-    shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    center, scale, shift = _act_vectors(center_ptr, scale_ptr, shift_ptr, offs_n, mask_n, HAS_BN)
     a = _bn_act(z.to(tl.float32), center, scale, shift, HAS_BN, HAS_RELU)
     tl.store(a_ptr + rows * stride_am + offs_n[None, :] * stride_an, a.to(a_ptr.dtype.element_ty), mask=mask)
 
@@ -411,22 +425,23 @@ def _tiles(M: int, N: int, dtype: torch.dtype):
     return block_m, block_n, block_k, num_warps, 3
 
 
-def _partials(row_tiles: int, N: int, device):
-    return tuple(torch.empty((row_tiles, N), device=device, dtype=torch.float32) for _ in range(2))
+def _partials(row_tiles: int, N: int, device, count: int):
+    return tuple(torch.empty((row_tiles, N), device=device, dtype=torch.float32) for _ in range(count))
 
 
 def linear_fwd(x, weight, bias, act_in: Act = NO_ACT, act_out: Act = NO_ACT, stats: bool = False):
     """z = act_in(x) @ weight^T + bias, or act_out(z) (eval: BatchNorm folded in).
 
     Returns (z, partials, tile_rows): with `stats`, partials are the per-row-tile column
-    mean and M2 of z (fp32 [row_tiles, N]) that `batchnorm.bn_stats` merges.
+    shift (first row's z), mean and M2 of z - shift (fp32 [row_tiles, N]) that
+    `batchnorm.bn_stats` merges.
     """
     M, K = x.shape
     N = weight.shape[0]
     z = torch.empty((M, N), device=x.device, dtype=x.dtype)
     block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, x.dtype)
     row_tiles = triton.cdiv(M, block_m)
-    parts = _partials(row_tiles, N, x.device) if stats else (None, None)
+    parts = _partials(row_tiles, N, x.device, 3) if stats else (None, None, None)
     _linear_fwd_kernel[(row_tiles, triton.cdiv(N, block_n))](
         x, weight, z, bias,
         act_in.center, act_in.scale, act_in.shift, act_out.center, act_out.scale, act_out.shift,
@@ -453,7 +468,7 @@ def linear_dx(g_y, z, weight, bn: Optional[BNGrad], act_in: Act = NO_ACT):
     g_in = torch.empty((M, N), device=g_y.device, dtype=g_y.dtype)
     block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, g_y.dtype)
     row_tiles = triton.cdiv(M, block_m)
-    parts = _partials(row_tiles, N, g_y.device) if act_in.bn else (None, None)
+    parts = _partials(row_tiles, N, g_y.device, 2) if act_in.bn else (None, None)
     z_in = act_in.z if act_in.z is not None else g_in  # unused without act_in
     bn = bn if bn is not None else BNGrad(None, None, None, None)
     _linear_dx_kernel[(row_tiles, triton.cdiv(N, block_n))](
@@ -542,7 +557,7 @@ def act_bwd(grad, act: Act):
     g_y = torch.empty((M, N), device=grad.device, dtype=grad.dtype)
     block_m, block_n = _elementwise_tiles(M, N)
     row_tiles = triton.cdiv(M, block_m)
-    parts = _partials(row_tiles, N, grad.device) if act.bn else (None, None)
+    parts = _partials(row_tiles, N, grad.device, 2) if act.bn else (None, None)
     _act_bwd_kernel[(row_tiles, triton.cdiv(N, block_n))](
         grad, act.z, g_y, act.center, act.scale, act.shift, act.rstd,
         *parts,

@@ -1,8 +1,10 @@
 import os
 
-# Kernels must be decorated after this is set: the tests run Triton's interpreter on the CPU.
-# On a CUDA machine, DWFAST_TEST_GPU=1 keeps the real compiler so the GPU tests can run.
-if os.environ.get("DWFAST_TEST_GPU") != "1":
+# Kernels must be decorated after this is set: by default the tests run Triton's interpreter
+# on the CPU. On a CUDA machine DWFAST_TEST_GPU=1 keeps the real compiler and runs the kernel
+# tests on the GPU instead.
+GPU_MODE = os.environ.get("DWFAST_TEST_GPU") == "1"
+if not GPU_MODE:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -10,7 +12,12 @@ import torch  # noqa: E402
 
 import dwfast  # noqa: E402
 
-BACKENDS = ["torch", "interpret"]
+# The CPU backends every module test runs on; the kernel backend and device for kernel tests.
+BACKENDS = ["torch"] if GPU_MODE else ["torch", "interpret"]
+KERNEL_BACKEND, KERNEL_DEVICE = ("triton", "cuda") if GPU_MODE else ("interpret", "cpu")
+
+requires_cuda = pytest.mark.skipif(not (GPU_MODE and torch.cuda.is_available()),
+                                   reason="needs a CUDA GPU and DWFAST_TEST_GPU=1")
 
 
 @pytest.fixture(autouse=True)
@@ -19,13 +26,25 @@ def _seed():
     yield
 
 
+def _use(name):
+    prev = dwfast.get_backend()
+    dwfast.set_backend(name)
+    return prev
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Runs a test once per CPU backend; restores the previous choice afterwards."""
-    prev = dwfast.get_backend()
-    dwfast.set_backend(request.param)
+    prev = _use(request.param)
     yield request.param
     dwfast.set_backend(prev)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.fixture
+def kernel_device():
+    """The device kernel tests run on, with the kernel backend selected."""
+    if GPU_MODE and not torch.cuda.is_available():
+        pytest.skip("DWFAST_TEST_GPU=1 but no CUDA device")
+    prev = _use(KERNEL_BACKEND)
+    yield torch.device(KERNEL_DEVICE)
+    dwfast.set_backend(prev)

@@ -1,0 +1,234 @@
+"""The fused chain against eager PyTorch: outputs, every gradient, running statistics.
+
+Three-way rule (flash-attention's tests): the fused result's error against an fp64 eager
+reference must be at most twice eager PyTorch's own error in the same dtype, plus a small
+atol scaled by the reference's magnitude. Runs the kernels through Triton's interpreter on
+the CPU (or on a GPU with DWFAST_TEST_GPU=1).
+"""
+import copy
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from dwfast.functional import Block, eager_chain, fused_chain
+from dwfast.ops import chain_forward
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LOW = [torch.float16, torch.bfloat16]
+
+
+def make_chain(in_features, widths, *, bn=True, relu=True, last_act=False, bias=True, bn_bias=True, **bn_kwargs):
+    """Blocks in_features -> widths[0] -> ...; each block but the last has BatchNorm and ReLU
+    (as `bn`/`relu` say), the last one too when `last_act`; `bias` is the Linear's, `bn_bias`
+    BatchNorm's own (torch >= 2.13). BN parameters and running
+    statistics are random, so nothing passes by being the identity."""
+    blocks, prev = [], in_features
+    for i, width in enumerate(widths):
+        hidden = i < len(widths) - 1 or last_act
+        if not bn_bias:
+            bn_kwargs["bias"] = False
+        norm = nn.BatchNorm1d(width, **bn_kwargs) if bn and hidden else None
+        if norm is not None and norm.weight is not None:
+            nn.init.uniform_(norm.weight, 0.5, 1.5)
+        if norm is not None and norm.bias is not None:
+            nn.init.normal_(norm.bias)
+        if norm is not None and norm.running_mean is not None:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+        blocks.append(Block(nn.Linear(prev, width, bias=bias), norm, relu and hidden))
+        prev = width
+    return blocks
+
+
+def cast(blocks, dtype, device):
+    """A deep copy of `blocks` in `dtype` on `device`."""
+    out = []
+    for b in copy.deepcopy(blocks):
+        out.append(Block(b.linear.to(device, dtype), b.bn.to(device, dtype) if b.bn is not None else None, b.relu))
+    return out
+
+
+def set_training(blocks, mode):
+    for b in blocks:
+        if b.bn is not None:
+            b.bn.train(mode)
+
+
+def run(fn, blocks, x, grad_out, x_grad=True):
+    """Output, input and parameter gradients, and BN buffers after one fn(x) and backward."""
+    x = x.detach().clone().requires_grad_(x_grad)
+    out = fn(x, blocks)
+    res = {"out": out}
+    if grad_out is not None:
+        out.backward(grad_out.to(out.dtype))
+        if x_grad:
+            res["x.grad"] = x.grad
+    for i, b in enumerate(blocks):
+        for mod_name, mod in (("linear", b.linear), ("bn", b.bn)):
+            if mod is None:
+                continue
+            for name, p in mod.named_parameters():
+                if grad_out is not None and p.requires_grad:
+                    res[f"{i}.{mod_name}.{name}.grad"] = p.grad
+            for name, buf in mod.named_buffers():
+                res[f"{i}.{mod_name}.{name}"] = buf
+    return res
+
+
+def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, steps=1):
+    """Run `blocks` fused in `dtype`, eager in `dtype` and eager in fp64; check the rule."""
+    fused, eager, ref = cast(blocks, dtype, device), cast(blocks, dtype, device), cast(blocks, torch.float64, device)
+    for bs in (fused, eager, ref):
+        set_training(bs, training)
+    width = blocks[-1].linear.out_features
+    for _ in range(steps):
+        xs = x if steps == 1 else torch.randn_like(x)
+        grad_out = torch.randn(x.shape[0], width) if grad else None
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            got = run(fused_chain, fused, xs.to(device, dtype), grad_out if grad is None else grad_out, x_grad)
+            same = run(eager_chain, eager, xs.to(device, dtype), grad_out, x_grad)
+            want = run(eager_chain, ref, xs.to(device, torch.float64), grad_out, x_grad)
+    assert got.keys() == want.keys()
+    for key, r in want.items():
+        g, e = got[key], same[key]
+        assert g.dtype == e.dtype and g.shape == e.shape, key
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(g, e), key
+            continue
+        r, g, e = r.double().cpu(), g.double().cpu(), e.double().cpu()
+        scale = r.abs().max().item() if r.numel() else 0.0
+        if key.endswith("linear.bias.grad") and f"{key.split('.')[0]}.bn.weight" in want:
+            # ~0 in exact arithmetic under batch statistics: judge it on its weight's scale
+            scale = max(scale, want[key.replace("bias", "weight")].abs().max().item())
+        tol = 2 * (e - r).abs().max().item() + ATOL[dtype] * (1 + scale) if r.numel() else 0.0
+        err = (g - r).abs().max().item() if r.numel() else 0.0
+        assert not torch.isnan(g).any(), key
+        assert err <= tol, f"{key}: error {err:.3g} > tolerance {tol:.3g} (eager's error {(e - r).abs().max():.3g})"
+    return got
+
+
+# (batch, in_features, widths, last_act): odd sizes that cross tile edges (tiles are 32
+# under the interpreter), width 1, depth up to 6, chains ending on a Linear or on BN+ReLU.
+SHAPES = [
+    (2, 1, [1], False),
+    (7, 5, [3, 2], False),
+    (33, 17, [40, 9], True),
+    (64, 32, [32, 32, 32, 32, 32, 1], False),
+    (130, 129, [127, 7], False),
+    (257, 33, [65, 31, 5], True),
+    (300, 7, [130, 3], False),
+]
+
+
+@pytest.mark.parametrize("batch,in_features,widths,last_act", SHAPES)
+def test_train_fp32(kernel_device, batch, in_features, widths, last_act):
+    blocks = make_chain(in_features, widths, last_act=last_act)
+    compare(blocks, torch.randn(batch, in_features) * 2 + 0.5, torch.float32, kernel_device)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("batch,in_features,widths,last_act", [SHAPES[1], SHAPES[2], SHAPES[5]])
+def test_train_low_precision(kernel_device, dtype, batch, in_features, widths, last_act):
+    blocks = make_chain(in_features, widths, last_act=last_act)
+    compare(blocks, torch.randn(batch, in_features), dtype, kernel_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_eval(kernel_device, dtype, grad):
+    blocks = make_chain(19, [45, 33, 4], last_act=False)
+    compare(blocks, torch.randn(70, 19), dtype, kernel_device, training=False, grad=grad)
+
+
+@pytest.mark.parametrize("last_act", [False, True])
+def test_train_no_grad_updates_running_stats(kernel_device, last_act):
+    compare(make_chain(10, [20, 6], last_act=last_act), torch.randn(40, 10), torch.float32, kernel_device, grad=False)
+
+
+@pytest.mark.parametrize("options", [
+    dict(momentum=None),
+    dict(momentum=0.3),
+    dict(affine=False),
+    pytest.param(dict(bn_bias=False), marks=pytest.mark.skipif(
+        "bias" not in inspect.signature(nn.BatchNorm1d).parameters, reason="BatchNorm1d(bias=) needs torch >= 2.13")),
+    dict(track_running_stats=False),
+    dict(eps=1e-2),
+    dict(bias=False),
+    dict(bn=False),
+    dict(relu=False),
+    dict(bn=False, relu=False),
+], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_options(kernel_device, options, training):
+    blocks = make_chain(12, [24, 17, 3], last_act=True, **options)
+    compare(blocks, torch.randn(45, 12), torch.float32, kernel_device, training=training, steps=2)
+
+
+def test_mixed_modes(kernel_device):
+    """One BatchNorm in eval, the next in training: each block uses its own mode."""
+    blocks = make_chain(9, [20, 20, 5])
+    fused, eager = cast(blocks, torch.float32, kernel_device), cast(blocks, torch.float32, kernel_device)
+    for bs in (fused, eager):
+        bs[0].bn.eval()
+    x = torch.randn(50, 9, device=kernel_device)
+    torch.testing.assert_close(fused_chain(x, fused), eager_chain(x, eager), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1].bn.running_var, eager[1].bn.running_var)
+    torch.testing.assert_close(fused[0].bn.running_var, eager[0].bn.running_var)
+    assert fused[0].bn.num_batches_tracked.item() == 0 and fused[1].bn.num_batches_tracked.item() == 1
+
+
+def test_input_without_grad(kernel_device):
+    got = compare(make_chain(16, [32, 8]), torch.randn(40, 16), torch.float32, kernel_device, x_grad=False)
+    assert "x.grad" not in got
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_noncontiguous_input(kernel_device, layout):
+    blocks = make_chain(24, [40, 5])
+    base = torch.randn(24, 50) if layout == "transposed" else torch.randn(50, 48)
+    x = base.t() if layout == "transposed" else base[:, ::2]
+    assert not x.is_contiguous()
+    compare(blocks, x, torch.float32, kernel_device)
+
+
+@pytest.mark.parametrize("source", ["bias", "input"])
+def test_large_mean_small_std(kernel_device, source):
+    """|mean| >> std: at mean 1e4, fp32's E[z^2] - E[z]^2 is off by ~6 against var ~0.3, and
+    fp32 tile means merged naively lose ~1e-3 relative; the kernels' statistics must not."""
+    blocks = make_chain(8, [16, 4], momentum=1.0)
+    x = torch.randn(200, 8)
+    with torch.no_grad():
+        if source == "bias":
+            blocks[0].linear.bias.fill_(1e4)
+        else:
+            blocks[0].linear.weight.abs_()
+            x += 3e3
+    compare(blocks, x, torch.float32, kernel_device)
+
+
+def test_backward_is_deterministic(kernel_device):
+    blocks = cast(make_chain(20, [64, 64, 3]), torch.float32, kernel_device)
+    x = torch.randn(300, 20, device=kernel_device)
+    grads = []
+    for _ in range(2):
+        for b in blocks:
+            b.linear.zero_grad()
+        fused_chain(x, blocks).square().sum().backward()
+        grads.append([b.linear.weight.grad.clone() for b in blocks])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(kernel_device):
+    """The custom op passes torch.library's checks, with a non-contiguous input too."""
+    dev = kernel_device
+    for x in (torch.randn(20, 6, device=dev), torch.randn(6, 20, device=dev).t()):
+        w = [torch.randn(10, 6, device=dev, requires_grad=True), torch.randn(3, 10, device=dev, requires_grad=True)]
+        b = [torch.randn(10, device=dev, requires_grad=True)]
+        g = [torch.rand(10, device=dev, requires_grad=True) + 0.5]
+        beta = [torch.randn(10, device=dev, requires_grad=True)]
+        args = (x.requires_grad_(), w, b, g, beta, [], [], [True, False], [True, False], [True, False], [1, 0], [True, False], [1e-5, 0.0])
+        torch.library.opcheck(chain_forward, args)
