@@ -1,5 +1,8 @@
 """dwfast: fused Linear -> BatchNorm1d -> ReLU MLPs for PyTorch, with Triton kernels."""
 from .backend import get_backend, set_backend
+from .builders import count_params, mlp_by_budget
 from .functional import Block, fused_chain
+from .fuse import fuse, unfuse
+from .modules import MLP, FusedSequential
 
 __version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""What users put in their models: :class:`FusedSequential` and :class:`MLP`.
+
+Both are ``nn.Sequential`` subclasses holding plain ``nn.Linear``/``nn.BatchNorm1d``/``nn.ReLU``
+children, so ``print(model)``, ``state_dict()`` keys, ``model[i]`` and optimizers behave as they
+do for ``nn.Sequential``; only ``forward`` differs: it runs each maximal run of
+``Linear [BatchNorm1d] [ReLU]`` blocks through :func:`dwfast.functional.fused_chain`.
+"""
+from collections import OrderedDict
+from numbers import Integral
+from typing import List, Sequence, Union
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from .functional import Block, fused_chain
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run forward/backward hooks, which a fused run would skip."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def _is(m, cls) -> bool:
+    # Exact type: subclasses (SyncBatchNorm, LazyLinear, parametrized or user subclasses) may
+    # change forward, so they run as ordinary modules. Hooked modules do too, so hooks still fire.
+    return type(m) is cls and not _has_hooks(m)
+
+
+def plan(children: Sequence[nn.Module]) -> List[Union[nn.Module, List[Block]]]:
+    """Group ``children`` into steps: a list of :class:`Block` (one fused run) or a lone module.
+
+    A block is an exact ``nn.Linear``, optionally followed by an exact ``nn.BatchNorm1d``,
+    optionally followed by an ``nn.ReLU`` (in-place or not: the fused output is a new tensor
+    either way). Consecutive blocks form one run. Every other module is its own step, in order.
+    """
+    steps: List[Union[nn.Module, List[Block]]] = []
+    i, n = 0, len(children)
+    while i < n:
+        if not _is(children[i], nn.Linear):
+            steps.append(children[i])
+            i += 1
+            continue
+        linear, bn, relu = children[i], None, False
+        i += 1
+        if i < n and _is(children[i], nn.BatchNorm1d):
+            bn, i = children[i], i + 1
+        if i < n and _is(children[i], nn.ReLU):
+            relu, i = True, i + 1
+        if steps and isinstance(steps[-1], list):
+            steps[-1].append(Block(linear, bn, relu))
+        else:
+            steps.append([Block(linear, bn, relu)])
+    return steps
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose runs of ``Linear [BatchNorm1d] [ReLU]`` run fused.
+
+    Takes the same arguments as ``nn.Sequential``. Children are grouped again on every forward
+    (a cheap pass over the children), so replacing, appending or deleting children, or adding
+    hooks to them, is always honoured. Results, gradients and BatchNorm running statistics are
+    those of ``nn.Sequential``; see :func:`dwfast.functional.fused_chain` for the errors raised.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        for step in plan(list(self._modules.values())):
+            input = fused_chain(input, step) if isinstance(step, list) else step(input)
+        return input
+
+
+def _check_width(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"MLP {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"MLP {name} must be >= 1, got {value}")
+    return int(value)
+
+
+class MLP(FusedSequential):
+    """A fused multi-layer perceptron built from plain ``nn`` modules.
+
+    Args:
+        in_features: width of the input.
+        hidden: hidden widths, a sequence of ints (or one int for a single hidden layer;
+            an empty sequence gives a single ``nn.Linear``).
+        out_features: width of the output.
+        batchnorm: add ``nn.BatchNorm1d(h)`` after each hidden ``nn.Linear``.
+        dropout: if > 0, add ``nn.Dropout(dropout)`` after each hidden ``nn.ReLU``.
+        bias: passed to every ``nn.Linear``.
+        device, dtype: factory keywords passed to every ``nn.Linear`` and ``nn.BatchNorm1d``.
+
+    Children, per hidden width ``h``: ``Linear(prev, h)``, ``BatchNorm1d(h)``, ``ReLU()``,
+    ``Dropout(dropout)``; then ``Linear(prev, out_features)``. They are numbered ``0, 1, ...``
+    as in ``nn.Sequential(*layers)``, so the state_dict loads (strictly) into a plain
+    ``nn.Sequential`` built the same way, and back.
+
+    Raises:
+        TypeError: a width is not an int.
+        ValueError: a width is < 1, or ``dropout`` is outside ``[0, 1)``.
+    """
+
+    def __init__(self, in_features: int, hidden: Union[int, Sequence[int]], out_features: int, *,
+                 batchnorm: bool = True, dropout: float = 0.0, bias: bool = True, device=None, dtype=None):
+        widths = [hidden] if isinstance(hidden, Integral) else list(hidden)
+        prev = _check_width("in_features", in_features)
+        widths = [_check_width(f"hidden[{i}]", h) for i, h in enumerate(widths)]
+        out_features = _check_width("out_features", out_features)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MLP dropout must be in [0, 1), got {dropout}")
+        factory = {"device": device, "dtype": dtype}
+        layers: List[nn.Module] = []
+        for h in widths:
+            layers.append(nn.Linear(prev, h, bias=bias, **factory))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(h, **factory))
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            prev = h
+        layers.append(nn.Linear(prev, out_features, bias=bias, **factory))
+        super().__init__(*layers)
+
+    def __getitem__(self, idx):
+        # nn.Sequential slices with self.__class__(OrderedDict), which MLP's signature can't take.
+        if isinstance(idx, slice):
+            return FusedSequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
