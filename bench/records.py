@@ -1,0 +1,52 @@
+"""JSON records: one file per run, ``<timestamp>_<kind>_<device-slug>.json``.
+
+A record is ``{"schema": SCHEMA_VERSION, "kind": "sweep"|"study", "env": {...},
+"config": {...}, "records" or "rows": [...]}``; ``env`` is :func:`bench.device.environment`.
+GPU runs go to ``bench/results/`` (committed); CPU runs default to ``bench/results/cpu/``
+(git-ignored), and ``--out`` sends either anywhere.
+"""
+import json
+import re
+from pathlib import Path
+from typing import Iterable, List
+
+SCHEMA_VERSION = 1
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def default_out(device_type: str) -> Path:
+    """Where a run on ``device_type`` writes unless ``--out`` says otherwise."""
+    return RESULTS if device_type == "cuda" else RESULTS / "cpu"
+
+
+def save(doc: dict, out_dir: Path) -> Path:
+    """Write ``doc`` under ``out_dir`` (created if needed) and return the file's path."""
+    env = doc["env"]
+    stamp = env["timestamp"].replace(":", "").replace("-", "").split("+")[0]
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40] or env["device_type"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stamp}_{doc['kind']}_{slug}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def load(paths: Iterable[Path]) -> List[dict]:
+    """Every record in ``paths`` (files, or folders searched recursively), oldest first.
+
+    Each returned dict gains ``"path"``. Files with another schema version or no ``kind`` are
+    skipped (trace files and foreign JSON live beside records).
+    """
+    files = []
+    for p in map(Path, paths):
+        files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
+    files = [f for f in files if not f.name.endswith(".trace.json")]  # profiler traces
+    docs = []
+    for f in files:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and doc.get("schema") == SCHEMA_VERSION and "kind" in doc:
+            docs.append(dict(doc, path=str(f)))
+    return sorted(docs, key=lambda d: d["env"]["timestamp"])

@@ -1,0 +1,51 @@
+"""pytest-benchmark cases: one training or inference step per implementation and shape.
+
+    pytest bench --benchmark-only --benchmark-group-by=param:shape
+    pytest bench --benchmark-only --benchmark-json=bench-$(git rev-parse --short HEAD).json
+    pytest-benchmark compare bench-*.json          # across commits
+
+``shape`` names the mode and the model (``train-deep-d64``), so grouping by it puts the
+implementations side by side. Full size on CUDA (bf16, torch.compile included); small on the
+CPU (fp32; torch.compile left out, its compile time would dominate). Every timed call ends with
+a CUDA synchronisation, so GPU work is inside the measurement. Not collected by the default
+``pytest`` run (see ``bench/conftest.py``).
+"""
+import pytest
+import torch
+
+from bench import models
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = "bf16" if CUDA else "fp32"
+FEATURES = 128
+IMPLS = ["eager", "compile", "dwfast"] if CUDA else ["eager", "dwfast"]
+# name: (parameter budget, hidden layers, batch)
+MODELS = ({"wide-d1": (5e7, 1, 8192), "mid-d8": (5e7, 8, 8192), "deep-d64": (1e6, 64, 8192)} if CUDA
+          else {"wide-d1": (1e5, 1, 256), "mid-d4": (1e5, 4, 256), "deep-d16": (2e4, 16, 256)})
+SHAPES = [f"{mode}-{name}" for mode in models.MODES for name in MODELS]
+if not CUDA:
+    torch.set_num_threads(1)  # as `python -m bench`: more threads on a busy machine swing 100x
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_step(benchmark, impl, shape):
+    mode, name = shape.split("-", 1)
+    budget, depth, batch = MODELS[name]
+    reference = models.reference_model(FEATURES, budget, depth, 1, 0, DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, FEATURES, generator=gen).to(DEVICE)
+    target = torch.randn(batch, 1, generator=gen).to(DEVICE)
+    step, label = models.make_step(impl, reference, mode, models.DTYPES[DTYPE], x, target)
+    for _ in range(3):  # compilation and autotuning stay out of the measurement
+        step()
+
+    def timed():
+        step()
+        if CUDA:
+            torch.cuda.synchronize()
+    benchmark.extra_info.update(batch=batch, flops=models.step_flops(reference, batch, mode),
+                                precision=label, width=reference[0].out_features, depth=depth,
+                                device=torch.cuda.get_device_name() if CUDA else "cpu")
+    benchmark(timed)
