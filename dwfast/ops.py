@@ -172,7 +172,7 @@ def chain_infer(
     """No-grad chain with running statistics: each block is one GEMM writing a_l directly."""
     h = x
     for i, w in enumerate(weights):
-        act = K.NO_ACT._replace(relu=relus[i])
+        act = K.NO_ACT._replace(act=int(relus[i]))
         if running_means[i] is not None:
             mean, _, rstd, scale, shift = K.bn_stats(None, 1, x.shape[0], running_means[i], running_vars[i],
                                                      gammas[i], betas[i], eps[i])

@@ -1,37 +1,48 @@
-"""Fused Linear -> BatchNorm1d -> ReLU: one GEMM core, specialised by constexpr flags.
+"""Fused Linear -> BatchNorm1d -> activation [-> Dropout]: one GEMM core, specialised by
+constexpr flags.
 
 A chain of blocks l = 1..L, input a_0 = x (B x K_1):
 
-    z_l = a_{l-1} @ W_l^T + b_l                     stored (the only B x N tensor kept per block)
-    a_l = relu((z_l - center_l) * scale_l + shift_l) never stored; rebuilt from z_l when needed
+    z_l = a_{l-1} @ W_l^T + b_l                    stored (the only B x N tensor kept per block)
+    y_l = (z_l - center_l) * scale_l + shift_l     BatchNorm (y_l = z_l without it)
+    a_l = drop_l(act_l(y_l))                       never stored; rebuilt from z_l when needed
 
 `center, scale, shift` are per-feature fp32 vectors: with batch statistics center = mean,
-scale = gamma * rstd, shift = beta (kernels/batchnorm.py makes them); in eval the same
-from the running statistics. The centred form (z - mean) * scale + beta instead of
-z * scale + (beta - mean * scale) keeps the precision when |mean| >> std.
+scale = gamma * rstd, shift = beta (kernels/batchnorm.py makes them); in eval the same from
+the running statistics. The centred form (z - mean) * scale + beta instead of
+z * scale + (beta - mean * scale) keeps the precision when |mean| >> std. `act` is ReLU,
+LeakyReLU, GELU (exact or tanh), SiLU, Tanh or none. `drop` is inverted dropout whose keep
+mask comes from Philox keyed on (seed, row, feature): the same element draws the same number
+in every kernel that rebuilds a_l, so the mask is never stored.
 
 Forward, one kernel per block (`_linear_fwd_kernel`):
     prologue  A tile = a_{l-1} rebuilt from z_{l-1} in registers (block 1 reads x as is)
     epilogue  + b_l; store z_l; per row tile write the column mean and M2 of z_l (fp32,
               relative to the tile's first row) to [row_tiles, N] partial buffers, merged
               by Chan's formula in kernels/batchnorm.py.
-              In eval the block's BatchNorm and ReLU are folded here instead and a_l is stored.
+              In eval the block's BatchNorm and activation are folded here instead, a_l stored.
 
-Backward, with g_l = dL/da_l and the ReLU mask applied, g_y = g_l * [pre-activation > 0]:
+Backward, with g_l = dL/da_l:
+    g_y    = drop_l(g_l) * act_l'(y_l)           (ReLU: g_l where y_l > 0, as torch does)
     xhat   = (z - mean) * rstd
     dgamma = sum_rows g_y * xhat,   dbeta = sum_rows g_y
     g_z    = scale * g_y + u * (z - mean) + v,  u = -scale * rstd * dgamma / B,  v = -scale * dbeta / B
              (u = v = 0 with running statistics; g_z = g_y without BatchNorm)
     dW_l   = g_z^T @ a_{l-1},   db_l = sum_rows g_z,   g_{l-1} = g_z @ W_l
-`_linear_dx_kernel` builds g_z in its prologue and applies block l-1's mask in its epilogue,
-storing g_y of block l-1 with its column partials (sum g_y, sum g_y * xhat).
+`_linear_dx_kernel` builds g_z in its prologue and applies block l-1's activation backward in
+its epilogue, storing g_y of block l-1 with its column partials (sum g_y, sum g_y * xhat).
 `_linear_dw_kernel` builds g_z^T and a_{l-1} in its two prologues; the batch is its
 reduction axis, split into chunks whose fp32 partials are summed in a fixed order, and it
 also sums g_z over rows for db. Nothing is reduced with atomics: two identical backward
 passes are bitwise identical.
 
-`_act_fwd_kernel` / `_act_bwd_kernel` handle a chain that ends on BatchNorm/ReLU
+`_act_fwd_kernel` / `_act_bwd_kernel` handle a chain that ends on BatchNorm/activation
 (no next GEMM to ride on): one elementwise pass each way.
+
+Every site that applies a block's activation takes the same argument group:
+    center_ptr, scale_ptr, shift_ptr   BatchNorm vectors (with HAS_BN)
+    seed_ptr, drop_p, drop_scale       dropout: int64 seed on the device, p, 1 / (1 - p)
+    slope                              LeakyReLU's negative slope
 """
 import os
 from typing import NamedTuple, Optional
@@ -40,21 +51,86 @@ import torch
 import triton
 import triton.language as tl
 
+# Activation codes (the host side uses ACTIVATIONS).
+ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "tanh": 6}
+ACT_NONE = tl.constexpr(0)
+ACT_RELU = tl.constexpr(1)
+ACT_LEAKY_RELU = tl.constexpr(2)
+ACT_GELU = tl.constexpr(3)
+ACT_GELU_TANH = tl.constexpr(4)
+ACT_SILU = tl.constexpr(5)
+ACT_TANH = tl.constexpr(6)
+
 # How the A operand is transformed on its way into the dot.
 A_PLAIN = tl.constexpr(0)   # as stored
 A_ACT_K = tl.constexpr(1)   # a = act(z): features along the reduction axis (forward)
 A_GRAD_K = tl.constexpr(2)  # g_z from g_y and z: features along the reduction axis (dX)
 A_GRAD_M = tl.constexpr(3)  # g_z^T from g_y and z: features along the rows (dW)
 
+SQRT_1_2 = tl.constexpr(0.7071067811865476)
+SQRT_2_PI = tl.constexpr(0.7978845608028654)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
 
 @triton.jit
-def _bn_act(z, center, scale, shift, HAS_BN: tl.constexpr, HAS_RELU: tl.constexpr):
-    """relu((z - center) * scale + shift) in fp32; BatchNorm and ReLU each optional."""
-    if HAS_BN:
-        z = (z - center) * scale + shift
-    if HAS_RELU:
-        z = tl.maximum(z, 0.0)
-    return z
+def _tanh(y):
+    # 2 sigmoid(2y) - 1: tl has no tanh, and libdevice's does not run in the interpreter
+    return 2.0 * tl.sigmoid(2.0 * y) - 1.0
+
+
+@triton.jit
+def _act_fn(y, slope, ACT: tl.constexpr):
+    """act(y) in fp32."""
+    if ACT == ACT_RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # not max(y, 0): NaN stays NaN, as in torch.relu
+    elif ACT == ACT_LEAKY_RELU:
+        y = tl.where(y < 0.0, y * slope, y)
+    elif ACT == ACT_GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * SQRT_1_2))
+    elif ACT == ACT_GELU_TANH:
+        y = 0.5 * y * (1.0 + _tanh((y + 0.044715 * y * y * y) * SQRT_2_PI))
+    elif ACT == ACT_SILU:
+        y = y * tl.sigmoid(y)
+    elif ACT == ACT_TANH:
+        y = _tanh(y)
+    return y
+
+
+@triton.jit
+def _act_backward(g, y, slope, ACT: tl.constexpr):
+    """g * act'(y); ReLU and LeakyReLU select instead of multiplying, as torch does."""
+    if ACT == ACT_RELU:
+        g = tl.where(y > 0.0, g, 0.0)
+    elif ACT == ACT_LEAKY_RELU:
+        g = tl.where(y > 0.0, g, g * slope)
+    elif ACT == ACT_GELU:
+        g *= 0.5 * (1.0 + tl.math.erf(y * SQRT_1_2)) + y * INV_SQRT_2PI * tl.exp(-0.5 * y * y)
+    elif ACT == ACT_GELU_TANH:
+        t = _tanh((y + 0.044715 * y * y * y) * SQRT_2_PI)
+        g *= 0.5 * (1.0 + t) + 0.5 * y * (1.0 - t * t) * SQRT_2_PI * (1.0 + 3.0 * 0.044715 * y * y)
+    elif ACT == ACT_SILU:
+        sig = tl.sigmoid(y)
+        g *= sig * (1.0 + y * (1.0 - sig))
+    elif ACT == ACT_TANH:
+        t = _tanh(y)
+        g *= 1.0 - t * t
+    return g
+
+
+@triton.jit
+def _dropout(a, rows, cols, seed_ptr, drop_p, drop_scale, DROPOUT: tl.constexpr):
+    """a * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn by Philox at (seed, row, col).
+
+    Multiplies rather than selects, so NaN and Inf propagate as in torch's dropout.
+    """
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        row_ids = (rows[:, None] + 0 * cols[None, :]).to(tl.uint32)
+        col_ids = (0 * rows[:, None] + cols[None, :]).to(tl.uint32)
+        bits, _, _, _ = tl.philox(seed, row_ids, col_ids, 0, 0)
+        keep = tl.random.uint_to_uniform_float(bits) >= drop_p
+        a = a * tl.where(keep, drop_scale, 0.0)
+    return a
 
 
 @triton.jit
@@ -68,6 +144,22 @@ def _act_vectors(center_ptr, scale_ptr, shift_ptr, offs, mask, HAS_BN: tl.conste
         scale = tl.load(scale_ptr + offs, mask=mask, other=1.0)[None, :]
         shift = tl.load(shift_ptr + offs, mask=mask, other=0.0)[None, :]
     return center, scale, shift
+
+
+@triton.jit
+def _bn(z, center, scale, shift, HAS_BN: tl.constexpr):
+    """y = (z - center) * scale + shift in fp32 (z without BatchNorm)."""
+    if HAS_BN:
+        z = (z - center) * scale + shift
+    return z
+
+
+@triton.jit
+def _activate(z, rows, cols, center, scale, shift, seed_ptr, drop_p, drop_scale, slope,
+              HAS_BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr):
+    """a = drop(act(bn(z))) for a [rows, cols] tile of z in fp32."""
+    a = _act_fn(_bn(z, center, scale, shift, HAS_BN), slope, ACT)
+    return _dropout(a, rows, cols, seed_ptr, drop_p, drop_scale, DROPOUT)
 
 
 @triton.jit
@@ -85,21 +177,24 @@ def _gemm_core(
     a_ptr, za_ptr, stride_am, stride_ak,
     # B operand [K, N]
     b_ptr, stride_bk, stride_bn,
-    # per-feature vectors of A's transform (act: center/scale/shift; grad: center/scale/u/v)
-    a_center_ptr, a_scale_ptr, a_shift_ptr, a_u_ptr, a_v_ptr,
-    # per-feature vectors of B's transform (act of the features along N)
-    b_center_ptr, b_scale_ptr, b_shift_ptr,
+    # A's transform: activation site (A_ACT_K) or BN backward center/scale/u/v (A_GRAD_*)
+    a_center_ptr, a_scale_ptr, a_shift_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope, a_u_ptr, a_v_ptr,
+    # B's transform: activation site of the features along N
+    b_center_ptr, b_scale_ptr, b_shift_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
     # tile coordinates and sizes
     offs_m, offs_n, M, N, k_start, k_end,
     # meta-parameters
-    A_MODE: tl.constexpr, A_BN: tl.constexpr, A_RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
-    B_ACT: tl.constexpr, B_BN: tl.constexpr, B_RELU: tl.constexpr, ROW_SUM: tl.constexpr,
+    A_MODE: tl.constexpr, A_BN: tl.constexpr, A_ACT: tl.constexpr, A_DROPOUT: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    B_MODE: tl.constexpr, B_BN: tl.constexpr, B_ACT: tl.constexpr, B_DROPOUT: tl.constexpr,
+    ROW_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """acc = T_A(A)[offs_m, k_start:k_end] @ T_B(B)[k_start:k_end, offs_n] in fp32.
 
-    Also returns the row sums of T_A(A) over the same k range when ROW_SUM (db in dW).
-    Masked-out elements are zeroed after the transform: act(0) is relu(shift), not 0.
+    B_MODE is A_PLAIN or A_ACT_K (B's activation, features along N). Also returns the row sums
+    of T_A(A) over the same k range when ROW_SUM (db in dW). Masked-out elements are zeroed
+    after the transform: act(0) is act(shift), not 0.
     """
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -114,7 +209,7 @@ def _gemm_core(
         if BATCH_STATS:
             am_u = tl.load(a_u_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
             am_v = tl.load(a_v_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-    if B_ACT:
+    if B_MODE == A_ACT_K:
         bn_center, bn_scale, bn_shift = _act_vectors(b_center_ptr, b_scale_ptr, b_shift_ptr, offs_n, mask_n, B_BN)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -129,7 +224,8 @@ def _gemm_core(
             a32 = a.to(tl.float32)
             if A_MODE == A_ACT_K:
                 center, scale, shift = _act_vectors(a_center_ptr, a_scale_ptr, a_shift_ptr, offs_k, mask_k, A_BN)
-                a32 = _bn_act(a32, center, scale, shift, A_BN, A_RELU)
+                a32 = _activate(a32, offs_m, offs_k, center, scale, shift, a_seed_ptr, a_drop_p, a_drop_scale,
+                                a_slope, A_BN, A_ACT, A_DROPOUT)
             else:
                 z = tl.load(za_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
                 if A_MODE == A_GRAD_K:
@@ -150,8 +246,9 @@ def _gemm_core(
         b_mask = mask_k[:, None] & mask_n[None, :]
         b_offs = offs_k.to(tl.int64)[:, None] * stride_bk + cols[None, :] * stride_bn
         b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
-        if B_ACT:
-            b32 = _bn_act(b.to(tl.float32), bn_center, bn_scale, bn_shift, B_BN, B_RELU)
+        if B_MODE == A_ACT_K:
+            b32 = _activate(b.to(tl.float32), offs_k, offs_n, bn_center, bn_scale, bn_shift, b_seed_ptr, b_drop_p,
+                            b_drop_scale, b_slope, B_BN, B_ACT, B_DROPOUT)
             b = tl.where(b_mask, b32, 0.0).to(b_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc, row_sum
@@ -160,26 +257,26 @@ def _gemm_core(
 @triton.jit
 def _grad_epilogue(
     g, offs_m, offs_n, M, N, pid_m,
-    z_ptr, stride_zm, stride_zn, center_ptr, scale_ptr, shift_ptr, rstd_ptr,
+    z_ptr, stride_zm, stride_zn, center_ptr, scale_ptr, shift_ptr, seed_ptr, drop_p, drop_scale, slope, rstd_ptr,
     g_ptr, stride_gm, stride_gn, g_sum_part_ptr, g_xhat_part_ptr,
-    HAS_BN: tl.constexpr, HAS_RELU: tl.constexpr, STATS: tl.constexpr,
+    HAS_BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """g_y = g * [act input > 0]; store g_y and, with STATS, its column partials
-    sum(g_y) and sum(g_y * xhat) for this row tile (fp32, [row_tiles, N])."""
+    """g_y = act'(y) * drop(g) for g = dL/da; store g_y and, with BatchNorm, its column
+    partials sum(g_y) and sum(g_y * xhat) for this row tile (fp32, [row_tiles, N])."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     cols = offs_n.to(tl.int64)[None, :]
-    if HAS_BN or HAS_RELU:
+    g = _dropout(g, offs_m, offs_n, seed_ptr, drop_p, drop_scale, DROPOUT)
+    if HAS_BN or ACT != ACT_NONE:
         z = tl.load(z_ptr + rows * stride_zm + cols * stride_zn, mask=mask, other=0.0).to(tl.float32)
         center, scale, shift = _act_vectors(center_ptr, scale_ptr, shift_ptr, offs_n, mask_n, HAS_BN)
-    if HAS_RELU:
-        # the same expression as the forward, so the mask is the forward's exactly
-        g = tl.where(_bn_act(z, center, scale, shift, HAS_BN, False) > 0.0, g, 0.0)
+        # the forward's expression, so y (and a ReLU mask) is the forward's exactly
+        g = _act_backward(g, _bn(z, center, scale, shift, HAS_BN), slope, ACT)
     g_out = g.to(g_ptr.dtype.element_ty)
     tl.store(g_ptr + rows * stride_gm + cols * stride_gn, g_out, mask=mask)
-    if STATS:
+    if HAS_BN:
         # statistics of the rounded values actually stored, as eager computes them
         g_y = tl.where(mask, g_out.to(tl.float32), 0.0)
         rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -192,16 +289,18 @@ def _grad_epilogue(
 def _linear_fwd_kernel(
     # pointers
     x_ptr, w_ptr, z_ptr, bias_ptr,
-    in_center_ptr, in_scale_ptr, in_shift_ptr,     # previous block's BN, applied to x on load
-    out_center_ptr, out_scale_ptr, out_shift_ptr,  # this block's BN folded in the epilogue (eval)
     shift_part_ptr, mean_part_ptr, m2_part_ptr,    # [row_tiles, N] column partials of z
+    # the previous block's activation, applied to x on load
+    in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+    # this block's BatchNorm and activation folded in the epilogue (eval)
+    out_center_ptr, out_scale_ptr, out_shift_ptr, out_slope,
     # sizes
     M, N, K,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_zm, stride_zn,
     # meta-parameters
-    IN_ACT: tl.constexpr, IN_BN: tl.constexpr, IN_RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OUT_BN: tl.constexpr, OUT_RELU: tl.constexpr, STATS: tl.constexpr,
+    IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_BN: tl.constexpr, OUT_ACT: tl.constexpr, STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """z = act_in(x) @ W^T + b (or its eval-mode activation), plus column partials of z."""
@@ -212,10 +311,11 @@ def _linear_fwd_kernel(
     acc, _ = _gemm_core(
         x_ptr, x_ptr, stride_xm, stride_xk,
         w_ptr, stride_wk, stride_wn,
-        in_center_ptr, in_scale_ptr, in_shift_ptr, in_center_ptr, in_center_ptr,
-        in_center_ptr, in_center_ptr, in_center_ptr,
+        in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, None, None,
+        None, None, None, None, 0.0, 0.0, 0.0,
         offs_m, offs_n, M, N, 0, K,
-        A_ACT_K if IN_ACT else A_PLAIN, IN_BN, IN_RELU, False, False, False, False, False,
+        IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False,
+        A_PLAIN, False, ACT_NONE, False, False,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     mask_m = offs_m < M
@@ -223,9 +323,9 @@ def _linear_fwd_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if OUT_BN or OUT_RELU:
+    if OUT_BN or OUT_ACT != ACT_NONE:
         center, scale, shift = _act_vectors(out_center_ptr, out_scale_ptr, out_shift_ptr, offs_n, mask_n, OUT_BN)
-        acc = _bn_act(acc, center, scale, shift, OUT_BN, OUT_RELU)
+        acc = _act_fn(_bn(acc, center, scale, shift, OUT_BN), out_slope, OUT_ACT)
     z = acc.to(z_ptr.dtype.element_ty)
     z_offs = offs_m.to(tl.int64)[:, None] * stride_zm + offs_n.to(tl.int64)[None, :] * stride_zn
     tl.store(z_ptr + z_offs, z, mask=mask)
@@ -247,20 +347,22 @@ def _linear_fwd_kernel(
 @triton.jit
 def _linear_dx_kernel(
     # pointers
-    g_y_ptr, z_ptr, w_ptr, g_in_ptr,              # g_in = g_z @ W, with the previous block's mask
+    g_y_ptr, z_ptr, w_ptr, g_in_ptr,              # g_in = g_z @ W, through the previous block's act'
     center_ptr, scale_ptr, u_ptr, v_ptr,          # this block's BN backward coefficients
-    z_in_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, in_rstd_ptr,  # previous block
     g_sum_part_ptr, g_xhat_part_ptr,              # [row_tiles, N] partials of the stored g_in
+    # the previous block: its z and activation site, and rstd for xhat
+    z_in_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+    in_rstd_ptr,
     # sizes: M = batch, N = in_features, K = out_features
     M, N, K,
     # strides (g_y and z share theirs)
     stride_gm, stride_gk, stride_wk, stride_wn, stride_im, stride_in, stride_zim, stride_zin,
     # meta-parameters
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
-    IN_BN: tl.constexpr, IN_RELU: tl.constexpr, IN_STATS: tl.constexpr,
+    IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """g_y of the previous block = mask_in(g_z @ W), g_z built from g_y and z on load."""
+    """g_y of the previous block = act_in'(g_z @ W), g_z built from g_y and z on load."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -268,17 +370,19 @@ def _linear_dx_kernel(
     acc, _ = _gemm_core(
         g_y_ptr, z_ptr, stride_gm, stride_gk,
         w_ptr, stride_wk, stride_wn,
-        center_ptr, scale_ptr, center_ptr, u_ptr, v_ptr,
-        center_ptr, center_ptr, center_ptr,
+        center_ptr, scale_ptr, None, None, 0.0, 0.0, 0.0, u_ptr, v_ptr,
+        None, None, None, None, 0.0, 0.0, 0.0,
         offs_m, offs_n, M, N, 0, K,
-        A_GRAD_K if HAS_BN else A_PLAIN, False, False, BATCH_STATS, False, False, False, False,
+        A_GRAD_K if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
+        A_PLAIN, False, ACT_NONE, False, False,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     _grad_epilogue(
         acc, offs_m, offs_n, M, N, pid_m,
-        z_in_ptr, stride_zim, stride_zin, in_center_ptr, in_scale_ptr, in_shift_ptr, in_rstd_ptr,
+        z_in_ptr, stride_zim, stride_zin, in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p,
+        in_drop_scale, in_slope, in_rstd_ptr,
         g_in_ptr, stride_im, stride_in, g_sum_part_ptr, g_xhat_part_ptr,
-        IN_BN, IN_RELU, IN_STATS,
+        IN_BN, IN_ACT, IN_DROPOUT,
     )
 
 
@@ -287,14 +391,16 @@ def _linear_dw_kernel(
     # pointers
     g_y_ptr, z_ptr, x_ptr, dw_ptr, db_part_ptr,
     center_ptr, scale_ptr, u_ptr, v_ptr,          # this block's BN backward (features = rows of dW)
-    in_center_ptr, in_scale_ptr, in_shift_ptr,    # previous block's act on x (features = cols)
+    # the previous block's activation site, applied to x (features = cols of dW)
+    in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
     # sizes: M = out_features, N = in_features, B = batch, split into chunks of ROWS_PER_SPLIT
     M, N, B, ROWS_PER_SPLIT,
     # strides (g_y and z share theirs)
     stride_gb, stride_gm, stride_xb, stride_xn, stride_ds, stride_dm, stride_dn,
     # meta-parameters
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
-    IN_ACT: tl.constexpr, IN_BN: tl.constexpr, IN_RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dW[split] = g_z^T @ act_in(x) over one chunk of the batch; db[split] = its row sums."""
@@ -308,10 +414,11 @@ def _linear_dw_kernel(
     acc, row_sum = _gemm_core(
         g_y_ptr, z_ptr, stride_gm, stride_gb,
         x_ptr, stride_xb, stride_xn,
-        center_ptr, scale_ptr, center_ptr, u_ptr, v_ptr,
-        in_center_ptr, in_scale_ptr, in_shift_ptr,
+        center_ptr, scale_ptr, None, None, 0.0, 0.0, 0.0, u_ptr, v_ptr,
+        in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
         offs_m, offs_n, M, N, k_start, k_end,
-        A_GRAD_M if HAS_BN else A_PLAIN, False, False, BATCH_STATS, IN_ACT, IN_BN, IN_RELU, HAS_BIAS,
+        A_GRAD_M if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
+        IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, HAS_BIAS,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     mask_m = offs_m < M
@@ -325,9 +432,9 @@ def _linear_dw_kernel(
 
 @triton.jit
 def _act_fwd_kernel(
-    z_ptr, a_ptr, center_ptr, scale_ptr, shift_ptr,
+    z_ptr, a_ptr, center_ptr, scale_ptr, shift_ptr, seed_ptr, drop_p, drop_scale, slope,
     M, N, stride_zm, stride_zn, stride_am, stride_an,
-    HAS_BN: tl.constexpr, HAS_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """a = act(z) for the last block of a chain (nothing after it to fuse into)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -336,20 +443,20 @@ def _act_fwd_kernel(
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
-    center, scale, shift = _act_vectors(center_ptr, scale_ptr, shift_ptr, offs_n, mask_n, HAS_BN)
-    a = _bn_act(z.to(tl.float32), center, scale, shift, HAS_BN, HAS_RELU)
+    center, scale, shift = _act_vectors(center_ptr, scale_ptr, shift_ptr, offs_n, mask_n, BN)
+    a = _activate(z.to(tl.float32), offs_m, offs_n, center, scale, shift, seed_ptr, drop_p, drop_scale, slope,
+                  BN, ACT, DROPOUT)
     tl.store(a_ptr + rows * stride_am + offs_n[None, :] * stride_an, a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _act_bwd_kernel(
-    g_ptr, z_ptr, g_y_ptr, center_ptr, scale_ptr, shift_ptr, rstd_ptr,
+    g_ptr, z_ptr, g_y_ptr, center_ptr, scale_ptr, shift_ptr, seed_ptr, drop_p, drop_scale, slope, rstd_ptr,
     g_sum_part_ptr, g_xhat_part_ptr,
     M, N, stride_gm, stride_gn, stride_zm, stride_zn, stride_ym, stride_yn,
-    HAS_BN: tl.constexpr, HAS_RELU: tl.constexpr, STATS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """g_y = mask(dL/da) and its column partials, for the last block of a chain."""
+    """g_y = act'(y) * drop(dL/da) and its column partials, for the last block of a chain."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -358,21 +465,23 @@ def _act_bwd_kernel(
     g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
     _grad_epilogue(
         g, offs_m, offs_n, M, N, pid_m,
-        z_ptr, stride_zm, stride_zn, center_ptr, scale_ptr, shift_ptr, rstd_ptr,
+        z_ptr, stride_zm, stride_zn, center_ptr, scale_ptr, shift_ptr, seed_ptr, drop_p, drop_scale, slope, rstd_ptr,
         g_y_ptr, stride_ym, stride_yn, g_sum_part_ptr, g_xhat_part_ptr,
-        HAS_BN, HAS_RELU, STATS,
+        BN, ACT, DROPOUT,
     )
-
 
 
 # ---------------------------------------------------------------- launchers
 
 
 class Act(NamedTuple):
-    """A block's activation a = relu((z - center) * scale + shift) and what its backward needs.
+    """A block's activation a = drop(act((z - center) * scale + shift)), and what its
+    backward needs.
 
     The vectors are fp32 of the block's width (None without BatchNorm); `rstd` turns z into
-    xhat; `z` is the block's stored pre-BN output (None where not kept, e.g. in eval).
+    xhat; `z` is the block's stored pre-BN output (None where not kept, e.g. in eval). `act`
+    is a code from ACTIVATIONS (a bool works: True is ReLU); `seed` is an int64 device tensor
+    keying the dropout mask, used when `drop_p` > 0.
     """
     z: Optional[torch.Tensor]
     center: Optional[torch.Tensor]
@@ -380,11 +489,14 @@ class Act(NamedTuple):
     shift: Optional[torch.Tensor]
     rstd: Optional[torch.Tensor]
     bn: bool
-    relu: bool
+    act: int
+    slope: float = 0.0
+    drop_p: float = 0.0
+    seed: Optional[torch.Tensor] = None
 
     @property
     def identity(self) -> bool:
-        return not (self.bn or self.relu)
+        return not (self.bn or self.act or self.drop_p)
 
 
 class BNGrad(NamedTuple):
@@ -400,7 +512,18 @@ class BNGrad(NamedTuple):
         return self.u is not None
 
 
-NO_ACT = Act(None, None, None, None, None, False, False)
+NO_ACT = Act(None, None, None, None, None, False, 0)
+
+
+def _site(act: Act) -> tuple:
+    """The runtime arguments of an activation site, in kernel order."""
+    drop_scale = 1.0 / (1.0 - act.drop_p) if act.drop_p < 1.0 else 0.0
+    return act.center, act.scale, act.shift, act.seed, float(act.drop_p), drop_scale, float(act.slope)
+
+
+def _site_flags(act: Act, prefix: str) -> dict:
+    """The constexpr flags of an activation site."""
+    return {f"{prefix}BN": act.bn, f"{prefix}ACT": int(act.act), f"{prefix}DROPOUT": act.drop_p > 0}
 
 
 def _interpreting() -> bool:
@@ -430,7 +553,8 @@ def _partials(row_tiles: int, N: int, device, count: int):
 
 
 def linear_fwd(x, weight, bias, act_in: Act = NO_ACT, act_out: Act = NO_ACT, stats: bool = False):
-    """z = act_in(x) @ weight^T + bias, or act_out(z) (eval: BatchNorm folded in).
+    """z = act_in(x) @ weight^T + bias, or act_out(z) (eval: BatchNorm and activation folded
+    in; act_out's dropout is not applied).
 
     Returns (z, partials, tile_rows): with `stats`, partials are the per-row-tile column
     shift (first row's z), mean and M2 of z - shift (fp32 [row_tiles, N]) that
@@ -443,13 +567,13 @@ def linear_fwd(x, weight, bias, act_in: Act = NO_ACT, act_out: Act = NO_ACT, sta
     row_tiles = triton.cdiv(M, block_m)
     parts = _partials(row_tiles, N, x.device, 3) if stats else (None, None, None)
     _linear_fwd_kernel[(row_tiles, triton.cdiv(N, block_n))](
-        x, weight, z, bias,
-        act_in.center, act_in.scale, act_in.shift, act_out.center, act_out.scale, act_out.shift,
-        *parts,
+        x, weight, z, bias, *parts,
+        *_site(act_in),
+        act_out.center, act_out.scale, act_out.shift, float(act_out.slope),
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
-        IN_ACT=not act_in.identity, IN_BN=act_in.bn, IN_RELU=act_in.relu, HAS_BIAS=bias is not None,
-        OUT_BN=act_out.bn, OUT_RELU=act_out.relu, STATS=stats,
+        IN_MODE=A_PLAIN if act_in.identity else A_ACT_K, **_site_flags(act_in, "IN_"),
+        HAS_BIAS=bias is not None, OUT_BN=act_out.bn, OUT_ACT=int(act_out.act), STATS=stats,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -457,7 +581,7 @@ def linear_fwd(x, weight, bias, act_in: Act = NO_ACT, act_out: Act = NO_ACT, sta
 
 
 def linear_dx(g_y, z, weight, bn: Optional[BNGrad], act_in: Act = NO_ACT):
-    """The previous block's g_y = act_in's ReLU mask applied to g_z @ weight.
+    """The previous block's g_y = act_in's backward applied to g_z @ weight.
 
     g_z is built on load from this block's g_y and z (`bn`, or g_z = g_y without BatchNorm).
     Returns (g_y_in, partials, tile_rows): with BatchNorm in `act_in`, partials are the
@@ -474,13 +598,12 @@ def linear_dx(g_y, z, weight, bn: Optional[BNGrad], act_in: Act = NO_ACT):
     _linear_dx_kernel[(row_tiles, triton.cdiv(N, block_n))](
         g_y, z, weight, g_in,
         bn.center, bn.scale, bn.u, bn.v,
-        act_in.z, act_in.center, act_in.scale, act_in.shift, act_in.rstd,
         *parts,
+        act_in.z, *_site(act_in), act_in.rstd,
         M, N, K,
         g_y.stride(0), g_y.stride(1), weight.stride(0), weight.stride(1),
         g_in.stride(0), g_in.stride(1), z_in.stride(0), z_in.stride(1),
-        HAS_BN=bn.center is not None, BATCH_STATS=bn.batch_stats,
-        IN_BN=act_in.bn, IN_RELU=act_in.relu, IN_STATS=act_in.bn,
+        HAS_BN=bn.center is not None, BATCH_STATS=bn.batch_stats, **_site_flags(act_in, "IN_"),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(g_y.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -515,11 +638,11 @@ def linear_dw(g_y, z, x, bn: Optional[BNGrad], act_in: Act = NO_ACT, has_bias: b
     _linear_dw_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)](
         g_y, z, x, dw, db,
         bn.center, bn.scale, bn.u, bn.v,
-        act_in.center, act_in.scale, act_in.shift,
+        *_site(act_in),
         M, N, B, rows_per_split,
         g_y.stride(0), g_y.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         HAS_BN=bn.center is not None, BATCH_STATS=bn.batch_stats,
-        IN_ACT=not act_in.identity, IN_BN=act_in.bn, IN_RELU=act_in.relu, HAS_BIAS=has_bias,
+        IN_MODE=A_PLAIN if act_in.identity else A_ACT_K, **_site_flags(act_in, "IN_"), HAS_BIAS=has_bias,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(g_y.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -541,15 +664,15 @@ def act_fwd(act: Act):
     a = torch.empty_like(z)
     block_m, block_n = _elementwise_tiles(M, N)
     _act_fwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        z, a, act.center, act.scale, act.shift,
+        z, a, *_site(act),
         M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1),
-        HAS_BN=act.bn, HAS_RELU=act.relu, BLOCK_M=block_m, BLOCK_N=block_n,
+        **_site_flags(act, ""), BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return a
 
 
 def act_bwd(grad, act: Act):
-    """g_y = ReLU mask of `act` applied to grad = dL/da, for a chain's last block.
+    """g_y = the backward of `act` applied to grad = dL/da, for a chain's last block.
 
     Returns (g_y, partials, tile_rows) as `linear_dx` does.
     """
@@ -559,9 +682,30 @@ def act_bwd(grad, act: Act):
     row_tiles = triton.cdiv(M, block_m)
     parts = _partials(row_tiles, N, grad.device, 2) if act.bn else (None, None)
     _act_bwd_kernel[(row_tiles, triton.cdiv(N, block_n))](
-        grad, act.z, g_y, act.center, act.scale, act.shift, act.rstd,
+        grad, act.z, g_y, *_site(act), act.rstd,
         *parts,
         M, N, grad.stride(0), grad.stride(1), act.z.stride(0), act.z.stride(1), g_y.stride(0), g_y.stride(1),
-        HAS_BN=act.bn, HAS_RELU=act.relu, STATS=act.bn, BLOCK_M=block_m, BLOCK_N=block_n,
+        **_site_flags(act, ""), BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return g_y, (parts if act.bn else None), block_m
+
+
+@triton.jit
+def _dropout_scale_kernel(seed_ptr, out_ptr, M, N, drop_p, drop_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ones = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+    keep = _dropout(ones, offs_m, offs_n, seed_ptr, drop_p, drop_scale, True)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], keep, mask=mask)
+
+
+def dropout_scale(seed, M: int, N: int, p: float):
+    """The [M, N] fp32 factors (0 or 1 / (1 - p)) that the kernels' dropout with `seed`
+    multiplies an [M, N] activation by: for tests and for inspecting a fused forward."""
+    out = torch.empty((M, N), device=seed.device, dtype=torch.float32)
+    block_m, block_n = _elementwise_tiles(M, N)
+    act = NO_ACT._replace(drop_p=p, seed=seed)
+    _dropout_scale_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        seed, out, M, N, *_site(act)[4:6], BLOCK_M=block_m, BLOCK_N=block_n)
+    return out

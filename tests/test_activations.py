@@ -1,0 +1,132 @@
+"""Every activation and fused dropout, at the launcher level, against torch autograd.
+
+Each activation site (the GEMM prologue of the forward and of dW, the dX epilogue, the
+elementwise kernels at a chain's end) computes a = drop(act(bn(z))) or its backward; here
+each is compared with the same function written in PyTorch, with the dropout factors read
+back from `dropout_scale`.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dwfast import kernels as K
+
+TORCH_ACTS = {
+    "none": lambda y, slope: y,
+    "relu": lambda y, slope: F.relu(y),
+    "leaky_relu": lambda y, slope: F.leaky_relu(y, slope),
+    "gelu": lambda y, slope: F.gelu(y),
+    "gelu_tanh": lambda y, slope: F.gelu(y, approximate="tanh"),
+    "silu": lambda y, slope: F.silu(y),
+    "tanh": lambda y, slope: torch.tanh(y),
+}
+SLOPE = 0.2
+
+
+def make_act(M, N, name, bn, p, device, seed=1234):
+    """An Act over a random z [M, N], with random BatchNorm vectors when `bn`."""
+    z = torch.randn(M, N, device=device) * 2
+    vec = dict(center=None, scale=None, shift=None, rstd=None)
+    if bn:
+        vec = dict(center=torch.randn(N, device=device), scale=torch.rand(N, device=device) + 0.5,
+                   shift=torch.randn(N, device=device), rstd=torch.rand(N, device=device) + 0.5)
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    return K.Act(z, **vec, bn=bn, act=K.ACTIVATIONS[name], slope=SLOPE, drop_p=p, seed=seed_t)
+
+
+def reference(act: K.Act, name: str, z=None):
+    """a = drop(act(bn(z))) in PyTorch, as a function of z (differentiable)."""
+    z = act.z if z is None else z
+    y = (z - act.center) * act.scale + act.shift if act.bn else z
+    a = TORCH_ACTS[name](y, SLOPE)
+    if act.drop_p:
+        a = a * K.dropout_scale(act.seed, *z.shape, act.drop_p)
+    return a
+
+
+CASES = [(name, bn, p) for name in TORCH_ACTS for bn in (False, True) for p in (0.0, 0.3)
+         if not (name == "none" and not bn and p == 0.0)]
+
+
+@pytest.mark.parametrize("name,bn,p", CASES, ids=[f"{n}-bn{b}-p{p}" for n, b, p in CASES])
+def test_activation_sites(kernel_device, name, bn, p):
+    M, N, K_out = 45, 37, 19
+    act = make_act(M, N, name, bn, p, kernel_device)
+    w = torch.randn(K_out, N, device=kernel_device) / math.sqrt(N)
+    g_out = torch.randn(M, K_out, device=kernel_device)
+    g_a = torch.randn(M, N, device=kernel_device)
+    tol = dict(atol=2e-5, rtol=2e-5)
+
+    z = act.z.clone().requires_grad_()
+    a = reference(act, name, z)
+    torch.testing.assert_close(K.act_fwd(act), a, **tol)
+
+    # forward prologue: z_next = act(z) @ W^T
+    z_next, _, _ = K.linear_fwd(act.z, w, None, act_in=act)
+    torch.testing.assert_close(z_next, a @ w.t(), **tol)
+
+    # dW prologue: dW = g^T @ act(z)
+    dw, _ = K.linear_dw(g_out, g_out, act.z, None, act_in=act, has_bias=False)
+    torch.testing.assert_close(dw, g_out.t() @ a, **tol)
+
+    # backward of the activation: elementwise, and in the dX epilogue of the next block
+    want_g_y, = torch.autograd.grad(a, z, g_a, retain_graph=True)
+    if act.bn:  # kernels return dL/dy: the BN backward comes after
+        want_g_y = want_g_y / act.scale
+    g_y, parts, _ = K.act_bwd(g_a, act)
+    torch.testing.assert_close(g_y, want_g_y, **tol)
+    g_in, parts_dx, _ = K.linear_dx(g_out, g_out, w, None, act_in=act)
+    want_g_in, = torch.autograd.grad(a, z, g_out @ w)
+    torch.testing.assert_close(g_in, want_g_in / act.scale if act.bn else want_g_in, **tol)
+    if act.bn:  # column partials for the BatchNorm backward: sum g_y, sum g_y * xhat
+        xhat = (act.z - act.center) * act.rstd
+        torch.testing.assert_close(parts[0].sum(0), want_g_y.sum(0), **tol)
+        torch.testing.assert_close(parts[1].sum(0), (want_g_y * xhat).sum(0), **tol)
+        assert parts_dx is not None
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_statistics(kernel_device, p):
+    """Kept fraction 1 - p within 5 sigma, kept values scaled by 1 / (1 - p), rows and
+    columns drawing independent numbers, and the mask a pure function of the seed."""
+    M, N = 256, 192
+    seed = torch.tensor([7], dtype=torch.int64, device=kernel_device)
+    factors = K.dropout_scale(seed, M, N, p)
+    kept = factors != 0
+    frac = kept.double().mean().item()
+    assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / (M * N))
+    torch.testing.assert_close(factors[kept], torch.full_like(factors[kept], 1 / (1 - p)))
+    # no structure: neighbouring rows and columns agree about as often as chance says
+    for a, b in ((kept[1:], kept[:-1]), (kept[:, 1:], kept[:, :-1])):
+        agree = (a == b).double().mean().item()
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.02
+    assert torch.equal(factors, K.dropout_scale(seed, M, N, p))
+    other = K.dropout_scale(seed + 1, M, N, p)
+    assert (other != factors).double().mean().item() > 0.5 * 2 * p * (1 - p)
+
+
+def test_dropout_p_one_and_nan(kernel_device):
+    """p = 1 drops everything; NaN and Inf multiply through as torch's dropout does."""
+    seed = torch.tensor([3], dtype=torch.int64, device=kernel_device)
+    assert torch.count_nonzero(K.dropout_scale(seed, 40, 40, 1.0)) == 0
+    act = make_act(40, 33, "relu", False, 0.5, kernel_device)
+    z = act.z.clone()
+    z[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+    a = K.act_fwd(act._replace(z=z))
+    want = F.relu(z) * K.dropout_scale(act.seed, 40, 33, 0.5)
+    assert torch.equal(torch.isnan(a), torch.isnan(want))
+    torch.testing.assert_close(a.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("name", list(TORCH_ACTS))
+def test_nan_inf_propagate(kernel_device, name):
+    """NaN stays NaN and +-Inf map as torch maps them (relu(NaN) is NaN, not 0)."""
+    act = make_act(4, 8, name, False, 0.0, kernel_device)
+    z = act.z.clone()
+    z[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    got, want = K.act_fwd(act._replace(z=z)), TORCH_ACTS[name](z, SLOPE)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=2e-5, rtol=2e-5)
