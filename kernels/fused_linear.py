@@ -172,6 +172,15 @@ def _bn_grad(g_y, z, center, scale, u, v, BATCH_STATS: tl.constexpr):
 
 
 @triton.jit
+def _tile(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's row-tile index and the row and column indices of its output tile."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, offs_m, offs_n
+
+
+@triton.jit
 def _gemm_core(
     # A operand [M, K] and, for the A_GRAD modes, the z of the same shape and strides
     a_ptr, za_ptr, stride_am, stride_ak,
@@ -304,10 +313,7 @@ def _linear_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """z = act_in(x) @ W^T + b (or its eval-mode activation), plus column partials of z."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
     acc, _ = _gemm_core(
         x_ptr, x_ptr, stride_xm, stride_xk,
         w_ptr, stride_wk, stride_wn,
@@ -363,10 +369,7 @@ def _linear_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """g_y of the previous block = act_in'(g_z @ W), g_z built from g_y and z on load."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
     acc, _ = _gemm_core(
         g_y_ptr, z_ptr, stride_gm, stride_gk,
         w_ptr, stride_wk, stride_wn,
@@ -404,11 +407,8 @@ def _linear_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dW[split] = g_z^T @ act_in(x) over one chunk of the batch; db[split] = its row sums."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    _, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = pid_s * ROWS_PER_SPLIT
     k_end = tl.minimum(k_start + ROWS_PER_SPLIT, B)
     acc, row_sum = _gemm_core(
@@ -426,7 +426,7 @@ def _linear_dw_kernel(
     d_offs = pid_s * stride_ds + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :] * stride_dn
     tl.store(dw_ptr + d_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
-        if pid_n == 0:
+        if tl.program_id(1) == 0:
             tl.store(db_part_ptr + pid_s * M + offs_m, row_sum, mask=mask_m)
 
 
@@ -437,8 +437,7 @@ def _act_fwd_kernel(
     BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """a = act(z) for the last block of a chain (nothing after it to fuse into)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     rows = offs_m.to(tl.int64)[:, None]
@@ -457,9 +456,7 @@ def _act_bwd_kernel(
     BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """g_y = act'(y) * drop(dL/da) and its column partials, for the last block of a chain."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     g_offs = offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
     g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
@@ -692,8 +689,7 @@ def act_bwd(grad, act: Act):
 
 @triton.jit
 def _dropout_scale_kernel(seed_ptr, out_ptr, M, N, drop_p, drop_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ones = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
     keep = _dropout(ones, offs_m, offs_n, seed_ptr, drop_p, drop_scale, True)
