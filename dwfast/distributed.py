@@ -1,0 +1,121 @@
+"""Synchronised BatchNorm for fused chains: per-feature statistics reduced across ranks.
+
+A fused chain whose BatchNorm children are ``nn.SyncBatchNorm`` computes each block's batch
+statistics over the whole process group, as eager SyncBatchNorm does:
+
+    forward   each rank's (count, mean, M2) per feature is all-gathered ([world, 3, N], one
+              collective per layer) and merged in rank order about rank 0's mean (Chan's
+              parallel formula: no cancellation when |mean| >> std):
+                  n = sum n_r,  mean = c + sum n_r (mean_r - c) / n,
+                  M2 = sum M2_r + sum n_r (mean_r - mean)^2
+    backward  the column sums of g_y and g_y * xhat are all-reduced ([2, N], one collective
+              per layer) and divided by the global count.
+
+Synchronisation happens as eager SyncBatchNorm's does: in training, with torch.distributed
+initialised and more than one rank in the module's process group; otherwise a
+SyncBatchNorm is an ordinary BatchNorm1d.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _group(bn: nn.Module):
+    return getattr(bn, "process_group", None) or dist.group.WORLD
+
+
+def needs_sync(bn: Optional[nn.Module]) -> bool:
+    """Whether `bn` reduces its batch statistics across ranks in this call."""
+    return (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size(_group(bn)) > 1)
+
+
+def merge_stats(count: Tensor, mean: Tensor, var: Tensor, group=None):
+    """The group's (count, mean, biased var) from each rank's; fp32 [N] in, fp32 [N] out.
+
+    `count` is this rank's number of rows (a 0-d tensor, so no host synchronisation).
+    """
+    group = group or dist.group.WORLD
+    local = torch.stack([count.float().expand_as(mean), mean, var * count]).float()
+    world = dist.get_world_size(group)
+    gathered = local.new_empty((world * 3, local.shape[1]))
+    dist.all_gather_into_tensor(gathered, local, group=group)
+    counts, means, m2s = gathered.view(world, 3, -1).unbind(1)
+    total = counts.sum(0)
+    origin = means[0]
+    merged = origin + (counts * (means - origin)).sum(0) / total
+    m2 = m2s.sum(0) + (counts * (means - merged).square()).sum(0)
+    return total[0], merged, m2 / total
+
+
+def all_reduce_sum(t: Tensor, group=None) -> Tensor:
+    """`t` summed over the group, in place."""
+    dist.all_reduce(t, group=group or dist.group.WORLD)
+    return t
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group; its gradient is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return all_reduce_sum(t.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad.clone(), ctx.group), None
+
+
+def sync_batch_norm(x: Tensor, bn: nn.SyncBatchNorm) -> Tensor:
+    """Eager SyncBatchNorm's training forward in pure PyTorch (any device), differentiable
+    through the collectives; updates the running statistics with the group's."""
+    group = _group(bn)
+    count = torch.tensor(float(x.shape[0]), device=x.device)
+    x32 = x.float()
+    # sums about rank 0's first row (the same shift on every rank): no E[x^2] - E[x]^2 cancellation
+    shift = x32[0].detach().clone()
+    dist.broadcast(shift, group_src=0, group=group)
+    sums = torch.cat([count.view(1), (x32 - shift).sum(0), (x32 - shift).square().sum(0)])
+    sums = _AllReduceSum.apply(sums, group)
+    total, s1, s2 = sums[0], sums[1:1 + x.shape[1]], sums[1 + x.shape[1]:]
+    mean_c = s1 / total
+    var = (s2 / total - mean_c.square()).clamp_min(0)
+    mean = shift + mean_c
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
+            unbiased = var.detach() * total / (total - 1)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+    y = (x32 - mean) * torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        y = y * bn.weight.float()
+    if bn.bias is not None:
+        y = y + bn.bias.float()
+    return y.to(x.dtype)
+
+
+def batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
+    """`bn(x)`, except that a SyncBatchNorm that must synchronise on a device eager
+    SyncBatchNorm refuses (the CPU) runs :func:`sync_batch_norm`; an unsynchronised
+    SyncBatchNorm runs as BatchNorm1d (eager SyncBatchNorm refuses the CPU even then)."""
+    if not isinstance(bn, nn.SyncBatchNorm) or x.device.type == "cuda":
+        return bn(x)
+    if needs_sync(bn):
+        return sync_batch_norm(x, bn)
+    return F.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+        bn.training or bn.running_mean is None, _momentum(bn), bn.eps)
+
+
+def _momentum(bn: nn.Module) -> float:
+    # F.batch_norm wants a float: mirror _BatchNorm.forward's cumulative average
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return 0.0 if bn.momentum is None else bn.momentum

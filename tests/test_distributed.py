@@ -1,0 +1,94 @@
+"""Synchronised BatchNorm across 2 CPU processes (gloo) against one process on the
+concatenated batch: statistics merge, the pure-PyTorch SyncBatchNorm, and fused chains."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from dwfast import distributed as D
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(rank, port, fn, args, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        fn(rank, *args)
+    except BaseException as e:  # report to the parent with the traceback's text
+        import traceback
+        errors.put(f"rank {rank}: {e!r}\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, *args):
+    """Run fn(rank, *args) on WORLD gloo ranks; fail with the first rank's traceback."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_run, args=(r, port, fn, args, errors)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    if not errors.empty():
+        pytest.fail(errors.get())
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _batch(rows=(13, 21)):
+    """The full batch (rows of rank 0, then rank 1): the same on every rank, seeded."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(sum(rows), 6, generator=g) * 3 + 100, rows
+
+
+def _merge_worker(rank):
+    x, rows = _batch()
+    local = x[sum(rows[:rank]):sum(rows[:rank + 1])]
+    count, mean, var = D.merge_stats(torch.tensor(float(local.shape[0])), local.mean(0), local.var(0, unbiased=False))
+    assert count.item() == x.shape[0]
+    torch.testing.assert_close(mean, x.mean(0))
+    torch.testing.assert_close(var, x.var(0, unbiased=False), rtol=1e-5, atol=1e-5)
+
+
+def _sync_bn_worker(rank):
+    x, rows = _batch()
+    sync, ref = nn.SyncBatchNorm(6, momentum=None), nn.BatchNorm1d(6, momentum=None)
+    nn.init.uniform_(sync.weight, 0.5, 1.5)
+    nn.init.normal_(sync.bias)
+    ref.load_state_dict(sync.state_dict())
+    torch.manual_seed(0)
+    x_local = x[sum(rows[:rank]):sum(rows[:rank + 1])].clone().requires_grad_()
+    x_full = x.clone().requires_grad_()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    D.batch_norm(x_local, sync).backward(grad[sum(rows[:rank]):sum(rows[:rank + 1])])
+    ref(x_full).backward(grad)
+    torch.testing.assert_close(x_local.grad, x_full.grad[sum(rows[:rank]):sum(rows[:rank + 1])], rtol=1e-4, atol=1e-5)
+    # parameter grads are per-rank shares of the full batch's; DDP sums them: do it here
+    for p_sync, p_ref in ((sync.weight, ref.weight), (sync.bias, ref.bias)):
+        dist.all_reduce(p_sync.grad)
+        torch.testing.assert_close(p_sync.grad, p_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sync.running_mean, ref.running_mean)
+    torch.testing.assert_close(sync.running_var, ref.running_var)
+    assert sync.num_batches_tracked.item() == 1
+
+
+def test_merge_stats():
+    spawn(_merge_worker)
+
+
+def test_sync_batch_norm_reference():
+    spawn(_sync_bn_worker)
