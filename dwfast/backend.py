@@ -46,3 +46,29 @@ def resolve_backend(device) -> str:
     if name == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("dwfast backend 'interpret' needs TRITON_INTERPRET=1 set before dwfast is imported")
     return name
+
+
+# ---------------------------------------------------------------- whole-net path
+
+WHOLE_NET_MODES = ("auto", "never")
+_whole_net = None
+
+
+def _check_whole_net(mode):
+    if mode not in WHOLE_NET_MODES:
+        raise ValueError(f"unknown whole-net mode {mode!r}; choose one of {WHOLE_NET_MODES} "
+                         "('never' forces the per-layer chain)")
+    return mode
+
+
+def set_whole_net(mode: str) -> None:
+    """``auto`` (default): run a qualifying narrow chain as one kernel (see
+    ``dwfast.whole_net``); ``never``: always the per-layer chain. There is no ``always``:
+    chains that don't qualify have no whole-net kernel."""
+    global _whole_net
+    _whole_net = _check_whole_net(mode)
+
+
+def get_whole_net() -> str:
+    """The whole-net mode (``DWFAST_WHOLE_NET`` if :func:`set_whole_net` was never called)."""
+    return _whole_net if _whole_net is not None else _check_whole_net(os.environ.get("DWFAST_WHOLE_NET", "auto"))

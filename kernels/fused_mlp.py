@@ -1,0 +1,333 @@
+"""A whole narrow MLP in one launch (tiny-cuda-nn's fully fused MLP, plus biases, folded
+BatchNorm and a trainable backward).
+
+A chain of L >= 2 blocks, input a_0 = x (B x K_in), hidden widths h_l <= H (one power of
+two, 16..128), output width N_out:
+
+    z_l = a_{l-1} @ W_l^T + b_l                       l = 0 .. L-1 (0-based)
+    a_l = relu((z_l - center_l) * scale_l + shift_l)  eval BatchNorm folded (centred form, as
+                                                      kernels/fused_linear.py); identity
+                                                      vectors for blocks without one
+    out = a_{L-1}
+
+Why one kernel: at widths 16..128 a layer is a few FLOPs per byte, so the per-layer path
+is bound by launches and by writing/reading every a_l through HBM. Here each program owns
+BLOCK_M rows and keeps their activation tile [BLOCK_M, H] in registers from x to out:
+x is read once, out written once, and the weights (a few KB to 32 KB per layer) are
+streamed from L2 by every program.
+
+Tiling: hidden layers are packed zero-padded into w_hid [L-2, H, H] and b_hid [L-1, H]
+(padded features are exactly 0 after every layer: zero weight rows and zero bias give
+z = 0, and the next layer's zero columns ignore them). The first layer (w_in [H, K_in],
+K_in free) loops over BLOCK_K chunks of x; the last (w_out [N_out, H], N_out free) loops
+over BLOCK_N chunks of the output. The hidden layers run in a runtime loop, so depth
+costs no compile time. Rows past B are masked (no padding by the caller). Between
+layers a_l is rounded to the input dtype, as the per-layer path rounds each GEMM output,
+so both paths agree with eager's per-layer rounding; accumulation is fp32.
+
+Training (no BatchNorm: batch statistics couple all rows, so training with BatchNorm
+stays on the per-layer path), backward with g = dL/da_l, from the last layer down:
+
+    g_z    = g where z_l > 0 (ReLU), else 0          rounded to the dtype, as stored per layer
+    dW_l  += g_z^T @ a_{l-1}      db_l += sum_rows g_z
+    g      = g_z @ W_l            (dL/dx for l = 0)
+
+Stored vs recomputed: the forward stores each hidden layer's z_l once ([L-1, B, H] in the
+input dtype, the per-layer path's memory); a_{l-1} = relu(z_{l-1}) is recomputed from it in
+registers, and the last layer's ReLU mask is read from `out`. Recomputing the whole forward
+instead would save that memory for twice the FLOPs; stored z keeps the backward one pass.
+
+Weight gradients: the backward grid has G <= row_tiles programs (G about the SM count);
+program p walks row tiles p, p + G, ... and accumulates dW and db into its own fp32 slot
+[p] of partial buffers (read-modify-write, no other program touches it), then the G slots
+are summed in order. No atomics: two identical backward passes are bitwise equal. The
+price is G x (H K_in + (L-2) H^2 + N_out H) fp32 of partials and a read-modify-write of
+them per extra tile; if timings show it, the alternative is to store g_z per layer and run
+dW as one split-batch GEMM over all layers (tiny-cuda-nn's split).
+
+Tiles: a heuristic checked only by compiling for sm_90 on the CPU (tests/test_whole_net.py);
+no GPU timings yet.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .fused_linear import _interpreting, _precision
+
+
+@triton.jit
+def _relu(y, RELU: tl.constexpr):
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # not max(y, 0): NaN stays NaN, as in torch.relu
+    return y
+
+
+@triton.jit
+def _layer_out(acc, offs, mask, bias_ptr, bn_ptr, plane, z_ptr, z_offs, z_mask,
+               HAS_BN: tl.constexpr, STORE_Z: tl.constexpr, RELU: tl.constexpr):
+    """a = relu(bn(acc + b)) in fp32, the layer's vectors at `offs` (center, scale, shift are
+    `plane` apart in bn); with STORE_Z the rounded z is stored first (training)."""
+    z = acc + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)[None, :]
+    if STORE_Z:
+        z_low = z.to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + z_offs, z_low, mask=z_mask)
+        z = z_low.to(tl.float32)  # the backward's mask and a_l come from the stored z
+    if HAS_BN:
+        center = tl.load(bn_ptr + offs, mask=mask, other=0.0)[None, :]
+        scale = tl.load(bn_ptr + plane + offs, mask=mask, other=0.0)[None, :]
+        shift = tl.load(bn_ptr + 2 * plane + offs, mask=mask, other=0.0)[None, :]
+        z = (z - center) * scale + shift
+    return _relu(z, RELU)
+
+
+@triton.jit
+def _rows(BLOCK_M: tl.constexpr, tile, M):
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_m.to(tl.int64), offs_m < M
+
+
+@triton.jit
+def _mlp_fwd_kernel(
+    # pointers
+    x_ptr, w_in_ptr, w_hid_ptr, w_out_ptr, b_hid_ptr, b_out_ptr,
+    bn_hid_ptr, bn_out_ptr,                  # [3, L-1, H] and [3, N_out]: center, scale, shift
+    z_ptr, out_ptr,                          # z: [L-1, M, H] (with STORE_Z)
+    # sizes
+    M, K_in, N_out, L,
+    # strides (stride_zl = M * H, between the layers of z)
+    stride_xm, stride_xk, stride_om, stride_on, stride_zl,
+    # meta-parameters
+    H: tl.constexpr, HAS_BN: tl.constexpr, STORE_Z: tl.constexpr,
+    HID_RELU: tl.constexpr, OUT_RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out = the whole chain on BLOCK_M rows of x; z_l of the hidden layers with STORE_Z."""
+    rows, mask_m = _rows(BLOCK_M, tl.program_id(0), M)
+    offs_h = tl.arange(0, H)
+    mask_h = offs_h < H
+    dtype = x_ptr.dtype.element_ty
+    z_offs = rows[:, None] * H + offs_h[None, :]
+    z_mask = mask_m[:, None]
+    plane = (L - 1) * H  # between the center, scale and shift planes of bn_hid
+
+    acc = tl.zeros((BLOCK_M, H), dtype=tl.float32)
+    for k0 in range(0, K_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K_in
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_k = tl.load(w_in_ptr + offs_h[None, :] * K_in + offs_k[:, None], mask=mask_k[:, None], other=0.0)
+        acc = tl.dot(x, w_k, acc, input_precision=PRECISION)
+    a = _layer_out(acc, offs_h, mask_h, b_hid_ptr, bn_hid_ptr, plane, z_ptr, z_offs, z_mask,
+                   HAS_BN, STORE_Z, HID_RELU).to(dtype)
+
+    for l in range(1, L - 1):
+        # W_l^T as [H_in, H_out]
+        w_l = tl.load(w_hid_ptr + (l - 1) * H * H + offs_h[None, :] * H + offs_h[:, None])
+        acc = tl.dot(a, w_l, input_precision=PRECISION)
+        a = _layer_out(acc, l * H + offs_h, mask_h, b_hid_ptr, bn_hid_ptr, plane, z_ptr,
+                       l * stride_zl.to(tl.int64) + z_offs, z_mask, HAS_BN, STORE_Z, HID_RELU).to(dtype)
+
+    # (fresh names in each loop: compiled Triton types a name reassigned in a loop once)
+    for n0 in range(0, N_out, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_out
+        w_n = tl.load(w_out_ptr + offs_n[None, :] * H + offs_h[:, None], mask=mask_n[None, :], other=0.0)
+        acc_n = tl.dot(a, w_n, input_precision=PRECISION)
+        y = _layer_out(acc_n, offs_n, mask_n, b_out_ptr, bn_out_ptr, N_out, out_ptr, 0, False,
+                       HAS_BN, False, OUT_RELU)
+        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on, y.to(dtype),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _accumulate(ptr, offs, mask, value, again):
+    """ptr[offs] (+)= value: this program's own partial slot; `again` once it holds a sum
+    (before that it holds garbage, selected away: no memset; full-shaped masks)."""
+    prev = tl.load(ptr + offs, mask=mask, other=0.0)
+    tl.store(ptr + offs, value + tl.where(again, prev, 0.0), mask=mask)
+
+
+@triton.jit
+def _relu_grad(g, z, RELU: tl.constexpr):
+    """g_z = g where z > 0 (as the per-layer kernels do), in fp32."""
+    if RELU:
+        g = tl.where(z > 0.0, g, 0.0)
+    return g
+
+
+@triton.jit
+def _mlp_bwd_kernel(
+    # pointers
+    grad_ptr, out_ptr, x_ptr, z_ptr, w_in_ptr, w_hid_ptr, w_out_ptr,
+    grad_x_ptr,                              # dL/dx (with INPUT_GRAD)
+    dw_in_ptr, dw_hid_ptr, dw_out_ptr, db_hid_ptr, db_out_ptr,   # fp32 partials, one slot per program
+    # sizes
+    M, K_in, N_out, L, row_tiles,
+    # strides (stride_zl = M * H, between the layers of z)
+    stride_gm, stride_gn, stride_om, stride_on, stride_xm, stride_xk, stride_dxm, stride_dxk, stride_zl,
+    # meta-parameters
+    H: tl.constexpr, HID_RELU: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The chain's backward for row tiles pid, pid + G, ...; dW and db summed into slot pid."""
+    pid = tl.program_id(0)
+    slot = pid.to(tl.int64)
+    offs_h = tl.arange(0, H)
+    all_h = offs_h < H  # all true: widens masks to the full tile shape
+    dtype = x_ptr.dtype.element_ty
+    dw_in_ptr += slot * H * K_in
+    dw_hid_ptr += slot * (L - 2) * H * H
+    dw_out_ptr += slot * N_out * H
+    db_hid_ptr += slot * (L - 1) * H
+    db_out_ptr += slot * N_out
+    hh = offs_h[:, None] * H + offs_h[None, :]
+    mask_hh = all_h[:, None] & all_h[None, :]
+    layer = stride_zl.to(tl.int64)
+
+    for tile in range(pid, row_tiles, tl.num_programs(0)):
+        again = tile != pid
+        rows, mask_m = _rows(BLOCK_M, tile, M)
+        z_offs = rows[:, None] * H + offs_h[None, :]
+        z = tl.load(z_ptr + (L - 2) * layer + z_offs, mask=mask_m[:, None], other=0.0)
+        a = _relu(z.to(tl.float32), HID_RELU).to(dtype)
+
+        # last layer: g_z from dL/dout, its dW and db, and g = dL/da_{L-2}
+        g = tl.zeros((BLOCK_M, H), dtype=tl.float32)
+        for n0 in range(0, N_out, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N_out
+            mask = mask_m[:, None] & mask_n[None, :]
+            g_z = tl.load(grad_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+            if OUT_RELU:  # relu(z) > 0 exactly where z > 0
+                out = tl.load(out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on, mask=mask, other=0.0)
+                g_z = _relu_grad(g_z.to(tl.float32), out.to(tl.float32), True).to(dtype)
+            nh = offs_n[:, None] * H + offs_h[None, :]
+            mask_nh = mask_n[:, None] & all_h[None, :]
+            _accumulate(dw_out_ptr, nh, mask_nh, tl.dot(tl.trans(g_z), a, input_precision=PRECISION), again)
+            _accumulate(db_out_ptr, offs_n, mask_n, tl.sum(g_z.to(tl.float32), axis=0), again)
+            w_n = tl.load(w_out_ptr + nh, mask=mask_nh, other=0.0)
+            g = tl.dot(g_z, w_n, g, input_precision=PRECISION)
+
+        # hidden layers, last to first: z holds z_l
+        for i in range(0, L - 2):
+            l = L - 2 - i
+            z_prev = tl.load(z_ptr + (l - 1) * layer + z_offs, mask=mask_m[:, None], other=0.0)
+            a = _relu(z_prev.to(tl.float32), HID_RELU).to(dtype)
+            g_z = _relu_grad(g, z.to(tl.float32), HID_RELU).to(dtype)
+            dw = tl.dot(tl.trans(g_z), a, input_precision=PRECISION)
+            _accumulate(dw_hid_ptr + (l - 1) * H * H, hh, mask_hh, dw, again)
+            _accumulate(db_hid_ptr + l * H, offs_h, all_h, tl.sum(g_z.to(tl.float32), axis=0), again)
+            g = tl.dot(g_z, tl.load(w_hid_ptr + (l - 1) * H * H + hh), input_precision=PRECISION)
+            z = z_prev
+
+        # first layer: dW against x, and dL/dx
+        g_z = _relu_grad(g, z.to(tl.float32), HID_RELU).to(dtype)
+        _accumulate(db_hid_ptr, offs_h, all_h, tl.sum(g_z.to(tl.float32), axis=0), again)
+        for k0 in range(0, K_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K_in
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            hk = offs_h[:, None] * K_in + offs_k[None, :]
+            mask_hk = all_h[:, None] & mask_k[None, :]
+            _accumulate(dw_in_ptr, hk, mask_hk, tl.dot(tl.trans(g_z), x, input_precision=PRECISION), again)
+            if INPUT_GRAD:
+                w_k = tl.load(w_in_ptr + hk, mask=mask_hk, other=0.0)
+                grad_x = tl.dot(g_z, w_k, input_precision=PRECISION)
+                tl.store(grad_x_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, grad_x.to(dtype),
+                         mask=mask_m[:, None] & mask_k[None, :])
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _tiles(H: int, K_in: int, N_out: int, dtype: torch.dtype, backward: bool = False):
+    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages) for hidden width H.
+
+    A heuristic, not autotuning, and untimed: chosen from ptxas resource reports for sm_90
+    (compiled on a CPU machine) as the tiles that spill least and fit shared memory. The
+    backward holds more [BLOCK_M, H] tiles and an [H, H] fp32 dW tile, so it takes fewer rows.
+    """
+    if _interpreting():
+        return 32, 32, 32, 4, 1  # small tiles, so small test shapes cross tile edges
+    block_k = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(K_in)))
+    block_n = min(64, max(16, triton.next_power_of_2(N_out)))
+    if backward:
+        block_m = 128 if H <= 16 else 64 if H <= 64 else 32
+        return block_m, block_k, block_n, 8, 1
+    block_m = 128 if H <= 64 else 64
+    return block_m, block_k, block_n, 8, 1 if dtype == torch.float32 and H > 64 else 2
+
+
+def _placeholder(t, other):
+    # a pointer argument must not be an empty tensor (no hidden H x H layer when L == 2)
+    return t if t.numel() else other
+
+
+def mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid=None, bn_out=None, *, hid_relu=True, out_relu=False,
+            store_z=False):
+    """The whole chain in one launch. Returns (out [B, N_out], z [L-1, B, H] or None).
+
+    Packed operands (the input dtype unless said): w_in [H, K_in], w_hid [L-2, H, H],
+    w_out [N_out, H], b_hid [L-1, H], b_out [N_out]; hidden features past a layer's width
+    zero. bn_hid [3, L-1, H] / bn_out [3, N_out] (fp32 center, scale, shift) fold eval
+    BatchNorm in (both or neither). `store_z` keeps the hidden z_l for `mlp_bwd`.
+    """
+    M, K_in = x.shape
+    H = w_in.shape[0]
+    N_out = w_out.shape[0]
+    L = w_hid.shape[0] + 2
+    out = torch.empty((M, N_out), device=x.device, dtype=x.dtype)
+    z = torch.empty((L - 1, M, H), device=x.device, dtype=x.dtype) if store_z else None
+    block_m, block_k, block_n, num_warps, num_stages = _tiles(H, K_in, N_out, x.dtype)
+    _mlp_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, w_in, _placeholder(w_hid, w_in), w_out, b_hid, b_out, bn_hid, bn_out, z, out,
+        M, K_in, N_out, L,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), M * H,
+        H=H, HAS_BN=bn_hid is not None, STORE_Z=store_z, HID_RELU=hid_relu, OUT_RELU=out_relu,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, PRECISION=_precision(x.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, z
+
+
+def _programs(row_tiles: int) -> int:
+    """Backward programs: each owns an fp32 slot of every weight gradient, so no more than
+    the device runs at once (more would add slots, not speed)."""
+    if _interpreting():
+        return min(row_tiles, 4)  # fewer than the tiles at test sizes, to test the accumulation
+    return min(row_tiles, torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+
+
+def mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, *, hid_relu=True, out_relu=False, input_grad=True):
+    """The backward of `mlp_fwd(..., store_z=True)` without BatchNorm.
+
+    Returns (grad_x or None, dw_in, dw_hid, dw_out, db_hid, db_out), the weight and bias
+    gradients in the packed shapes and the input dtype (entries for padded features are 0:
+    their g_z and activations are; callers slice them off).
+    """
+    M, K_in = x.shape
+    H = w_in.shape[0]
+    N_out = w_out.shape[0]
+    L = w_hid.shape[0] + 2
+    block_m, block_k, block_n, num_warps, num_stages = _tiles(H, K_in, N_out, x.dtype, backward=True)
+    row_tiles = triton.cdiv(M, block_m)
+    G = _programs(row_tiles)
+    part = lambda *shape: torch.empty((G, *shape), device=x.device, dtype=torch.float32)  # noqa: E731
+    dw_in, dw_hid, dw_out = part(H, K_in), part(L - 2, H, H), part(N_out, H)
+    db_hid, db_out = part(L - 1, H), part(N_out)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if input_grad else None
+    _mlp_bwd_kernel[(G,)](
+        grad_out, out, x, z, w_in, _placeholder(w_hid, w_in), w_out,
+        grad_x, dw_in, _placeholder(dw_hid, dw_in), dw_out, db_hid, db_out,
+        M, K_in, N_out, L, row_tiles,
+        grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1), x.stride(0), x.stride(1),
+        *(grad_x.stride() if input_grad else (0, 0)), M * H,
+        H=H, HID_RELU=hid_relu, OUT_RELU=out_relu, INPUT_GRAD=input_grad,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, PRECISION=_precision(x.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    # the G slots summed in slot order: deterministic
+    grads = [p.sum(0).to(x.dtype) for p in (dw_in, dw_hid, dw_out, db_hid, db_out)]
+    return (grad_x, *grads)

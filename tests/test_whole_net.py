@@ -1,0 +1,213 @@
+"""The whole-net path (dwfast/whole_net.py, kernels/fused_mlp.py) against eager PyTorch.
+
+Same three-way rule as test_kernels.py (its `make_chain` / `compare`), and every case also
+checks that the whole-net kernel really ran (a spy on its ops), so a silent fall back to the
+per-layer chain cannot pass for it. Tiles are 32 rows under the interpreter and the
+backward runs 4 programs, so batches of 100 and 257 cross tiles and accumulate partials.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_kernels import cast, compare, make_chain
+
+import dwfast
+from dwfast import whole_net
+from dwfast.functional import fused_chain
+
+LOW = [torch.float16, torch.bfloat16]
+
+# (batch, in_features, widths, last_act): hidden widths 16, 33 (padded to 64), 64, 128 and
+# mixed; input widths 1, 5, 200 (first layer in several K chunks); output widths 1, 3, 130.
+SHAPES = [
+    (1, 1, [16, 1], False),
+    (7, 5, [33, 3], True),
+    (100, 200, [64, 64, 130], False),
+    (257, 5, [128, 128, 3], False),
+    (33, 17, [16, 40, 128, 20, 5], True),
+]
+DEEP = (70, 7, [32] * 15 + [3], False)  # depth 16
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of the whole-net ops made through `whole_net_chain`."""
+    calls = {"infer": 0, "train": 0}
+
+    def wrap(name, op):
+        def counted(*args):
+            calls[name] += 1
+            return op(*args)
+        return counted
+
+    monkeypatch.setattr(whole_net, "mlp_infer", wrap("infer", whole_net.mlp_infer))
+    monkeypatch.setattr(whole_net, "mlp_train", wrap("train", whole_net.mlp_train))
+    return calls
+
+
+@pytest.mark.parametrize("batch,in_features,widths,last_act", SHAPES + [DEEP])
+def test_infer_eval_bn(kernel_device, spy, batch, in_features, widths, last_act):
+    blocks = make_chain(in_features, widths, last_act=last_act)
+    compare(blocks, torch.randn(batch, in_features), torch.float32, kernel_device, training=False, grad=False)
+    assert spy["infer"] == 1
+
+
+@pytest.mark.parametrize("batch,in_features,widths,last_act", SHAPES + [DEEP])
+def test_train_no_bn(kernel_device, spy, batch, in_features, widths, last_act):
+    """Output, input gradient and every parameter gradient through the fused backward."""
+    blocks = make_chain(in_features, widths, bn=False, last_act=last_act)
+    compare(blocks, torch.randn(batch, in_features), torch.float32, kernel_device)
+    assert spy["train"] == 1
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("batch,in_features,widths,last_act", [SHAPES[1], SHAPES[3], DEEP])
+def test_low_precision(kernel_device, spy, dtype, batch, in_features, widths, last_act):
+    x = torch.randn(batch, in_features)
+    compare(make_chain(in_features, widths, last_act=last_act), x, dtype, kernel_device, training=False, grad=False)
+    compare(make_chain(in_features, widths, bn=False, last_act=last_act), x, dtype, kernel_device)
+    assert spy == {"infer": 1, "train": 1}
+
+
+@pytest.mark.parametrize("options", [
+    dict(bn=False),                 # inference without BatchNorm
+    dict(relu=False),
+    dict(bias=False),
+    dict(affine=False),
+    dict(eps=1e-1),
+], ids=str)
+def test_infer_options(kernel_device, spy, options):
+    blocks = make_chain(12, [24, 17, 3], last_act=True, **options)
+    compare(blocks, torch.randn(45, 12), torch.float32, kernel_device, training=False, grad=False)
+    assert spy["infer"] == 1
+
+
+@pytest.mark.parametrize("options", [dict(relu=False), dict(bias=False)], ids=str)
+def test_train_options(kernel_device, spy, options):
+    blocks = make_chain(12, [24, 17, 3], bn=False, last_act=True, **options)
+    compare(blocks, torch.randn(45, 12), torch.float32, kernel_device)
+    assert spy["train"] == 1
+
+
+def test_train_input_without_grad(kernel_device, spy):
+    got = compare(make_chain(16, [32, 8], bn=False), torch.randn(40, 16), torch.float32, kernel_device, x_grad=False)
+    assert "x.grad" not in got and spy["train"] == 1
+
+
+def test_noncontiguous_input(kernel_device, spy):
+    x = torch.randn(20, 70).t()
+    compare(make_chain(20, [32, 5], bn=False), x, torch.float32, kernel_device)
+    assert spy["train"] == 1
+
+
+def test_backward_is_deterministic(kernel_device, spy):
+    blocks = cast(make_chain(20, [64, 64, 3], bn=False), torch.float32, kernel_device)
+    x = torch.randn(300, 20, device=kernel_device, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        x.grad = None
+        for b in blocks:
+            b.linear.zero_grad()
+        fused_chain(x, blocks).square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for b in blocks for p in b.linear.parameters()])
+    assert spy["train"] == 2
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def _taken(blocks, x, spy):
+    before = dict(spy)
+    fused_chain(x, blocks)
+    return spy != before
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("qualifies_eval", True),
+    ("qualifies_no_bn_train", True),
+    ("one_block", False),
+    ("hidden_too_narrow", False),
+    ("hidden_too_wide", False),
+    ("bn_training", False),
+    ("eval_bn_with_grad", False),
+    ("mixed_relu", False),
+])
+def test_dispatch_rule(kernel_device, spy, case, expected):
+    widths = {"one_block": [20], "hidden_too_narrow": [8, 3], "hidden_too_wide": [129, 3]}.get(case, [32, 32, 3])
+    blocks = cast(make_chain(6, widths, bn=case not in ("qualifies_no_bn_train", "mixed_relu")),
+                  torch.float32, kernel_device)
+    for b in blocks:
+        if b.bn is not None:
+            b.bn.train(case == "bn_training")
+    if case == "mixed_relu":
+        blocks[1] = blocks[1]._replace(relu=False)
+    grad = case in ("qualifies_no_bn_train", "eval_bn_with_grad", "bn_training")
+    with torch.set_grad_enabled(grad):
+        assert _taken(blocks, torch.randn(10, 6, device=kernel_device), spy) == expected
+
+
+def test_never_switch(kernel_device, spy, monkeypatch):
+    blocks = cast(make_chain(6, [32, 32, 3]), torch.float32, kernel_device)
+    for b in blocks:
+        if b.bn is not None:
+            b.bn.eval()
+    x = torch.randn(10, 6, device=kernel_device)
+    assert dwfast.get_whole_net() == "auto"
+    with torch.no_grad():
+        dwfast.set_whole_net("never")
+        try:
+            assert not _taken(blocks, x, spy)
+        finally:
+            dwfast.set_whole_net("auto")
+        assert _taken(blocks, x, spy)
+        with pytest.raises(ValueError, match="never"):
+            dwfast.set_whole_net("always")
+        monkeypatch.setattr(dwfast.backend, "_whole_net", None)
+        monkeypatch.setenv("DWFAST_WHOLE_NET", "never")
+        assert dwfast.get_whole_net() == "never" and not _taken(blocks, x, spy)
+
+
+def test_opcheck(kernel_device):
+    """The ops pass torch.library's checks (fake kernels, autograd registration)."""
+    dev = kernel_device
+    x = torch.randn(20, 6, device=dev, requires_grad=True)
+    w_in, w_hid, w_out = (torch.randn(*s, device=dev, requires_grad=True) for s in ((16, 6), (1, 16, 16), (3, 16)))
+    b_hid, b_out = torch.randn(2, 16, device=dev, requires_grad=True), torch.randn(3, device=dev, requires_grad=True)
+    torch.library.opcheck(whole_net.mlp_train, (x, w_in, w_hid, w_out, b_hid, b_out, True, False))
+    bn = torch.randn(3, 2, 16, device=dev), torch.randn(3, 3, device=dev)
+    with torch.no_grad():
+        torch.library.opcheck(whole_net.mlp_infer, (x, w_in, w_hid, w_out, b_hid, b_out, *bn, True, True))
+
+
+_COMPILE_SM90 = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dwfast.kernels import fused_mlp as F
+for H in (16, 128):
+    for fn, backward, flags in ((F._mlp_fwd_kernel, False, dict(HAS_BN=True, STORE_Z=False)),
+                                (F._mlp_fwd_kernel, False, dict(HAS_BN=False, STORE_Z=True)),
+                                (F._mlp_bwd_kernel, True, dict(INPUT_GRAD=True))):
+        block_m, block_k, block_n, warps, stages = F._tiles(H, 200, 3, torch.float16, backward)
+        sig = {n: ("*fp32" if n.startswith(("bn_", "dw_", "db_")) else "*fp16") if n.endswith("_ptr") else "i32"
+               for n in fn.arg_names}
+        const = dict(H=H, HID_RELU=True, OUT_RELU=True, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+                     PRECISION="tf32", **flags)
+        sig.update({c: "constexpr" for c in const})
+        kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=warps, num_stages=stages))
+        assert kernel.metadata.shared <= 227 * 1024, (fn, H, kernel.metadata.shared)
+"""
+
+
+def test_compiles_for_sm90():
+    """The interpreter misses compiled-only errors (a loop-carried name changing type, shared
+    memory over the limit): compile both kernels for an H100 with Triton's own ptxas, which
+    needs no GPU. In a subprocess, since the tests set TRITON_INTERPRET=1."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300)
+    if "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert res.returncode == 0, res.stderr[-3000:]
