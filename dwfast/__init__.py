@@ -1,6 +1,5 @@
 """dwfast: fused Linear -> BatchNorm1d -> ReLU MLPs for PyTorch, with Triton kernels."""
-from .backend import get_backend, set_backend
-from .backend import get_whole_net, set_whole_net
+from .backend import get_backend, get_whole_net, set_backend, set_whole_net
 from .builders import count_params, mlp_by_budget
 from .functional import Block, fused_chain
 from .fuse import fuse, unfuse
