@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import kernels as K
-from .functional import Block, _uses_batch_stats
+from .functional import Block, _uses_batch_stats, autocast_dtype
 
 NO_BN, BATCH, FIXED = 0, 1, 2
 _PER_BLOCK = 6  # chain_forward outputs per block: z, mean, var, rstd, scale, shift
@@ -136,8 +136,9 @@ def _(grad_out, x, weights, saved, bn_modes, relus, has_bias, input_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, *_, has_bias, has_gamma, has_beta, bn_modes, relus, _eps = inputs
+    x, weights, _, gammas, betas, *_, has_bias, has_gamma, has_beta, bn_modes, relus, _eps = inputs
     ctx.save_for_backward(x, *weights, *output[1:])
+    ctx.gamma_dtypes, ctx.beta_dtypes = [g.dtype for g in gammas], [b.dtype for b in betas]
     ctx.num_blocks = len(weights)
     ctx.has_bias, ctx.has_gamma, ctx.has_beta = has_bias, has_gamma, has_beta
     ctx.bn_modes, ctx.relus = bn_modes, relus
@@ -153,8 +154,9 @@ def _backward(ctx, grads):
     per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
     d_w = [g[0] for g in per]
     d_b = [g[1] for i, g in enumerate(per) if ctx.has_bias[i]]
-    d_gamma = [g[2].to(weights[i].dtype) for i, g in enumerate(per) if ctx.has_gamma[i]]
-    d_beta = [g[3].to(weights[i].dtype) for i, g in enumerate(per) if ctx.has_beta[i]]
+    # fp32 from the kernels; BatchNorm's parameters may be 16-bit, or fp32 beside 16-bit weights (autocast)
+    d_gamma = [g.to(dt) for g, dt in zip([g[2] for i, g in enumerate(per) if ctx.has_gamma[i]], ctx.gamma_dtypes)]
+    d_beta = [g.to(dt) for g, dt in zip([g[3] for i, g in enumerate(per) if ctx.has_beta[i]], ctx.beta_dtypes)]
     d_x = out[0] if ctx.needs_input_grad[0] else None
     no_stats = [None] * ctx.num_fixed
     return (d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats) + (None,) * 6  # the flag lists
@@ -211,13 +213,24 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
 
     `upcast` runs 16-bit inputs through fp32 kernels and casts back (Triton's interpreter
     mishandles bf16); gradients and running statistics still land in the original dtype.
+
+    Under autocast the input, weights and biases are cast to autocast's dtype here, and
+    BatchNorm's parameters and running statistics are passed as they are (fp32 in the
+    usual case), as eager's autocast treats F.linear and F.batch_norm; the output is in
+    autocast's dtype and gradients reach the parameters in their own dtype through the
+    casts. Not `torch.library.register_autocast`: it would cast every floating input of an
+    op to one dtype, rounding BatchNorm's parameters to 16 bits and making
+    `update_running_stats` update a temporary copy. Casts here are plain PyTorch, so they
+    trace under torch.compile too.
     """
     lin = [b.linear for b in blocks]
     bns = [b.bn for b in blocks]
-    dtype = x.dtype
+    low = autocast_dtype(x)
+    dtype = low if low is not None else x.dtype
     cast = (lambda t: t if t is None else t.float()) if upcast and dtype != torch.float32 else (lambda t: t)
-    weights = [cast(m.weight) for m in lin]
-    biases = [cast(m.bias) for m in lin]
+    lin_cast = (lambda t: cast(t if t is None else t.to(low))) if low is not None else cast
+    weights = [lin_cast(m.weight) for m in lin]
+    biases = [lin_cast(m.bias) for m in lin]
     gammas = [cast(bn.weight) if bn is not None else None for bn in bns]
     betas = [cast(bn.bias) if bn is not None else None for bn in bns]
     run_means = [cast(bn.running_mean) if bn is not None else None for bn in bns]
@@ -225,7 +238,7 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     modes = [NO_BN if bn is None else BATCH if _uses_batch_stats(bn) else FIXED for bn in bns]
     relus = [b.relu for b in blocks]
     eps = [float(bn.eps) if bn is not None else 0.0 for bn in bns]
-    x = cast(x)
+    x = lin_cast(x)
 
     params = [t for t in weights + biases + gammas + betas if t is not None]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
