@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels as K
 from .functional import Block, _uses_batch_stats
 from .kernels.fused_mlp import mlp_bwd, mlp_fwd
 
@@ -134,7 +133,7 @@ def _pad(t: Tensor, rows: int, cols: int = 0) -> Tensor:
     return F.pad(t, (0, cols, 0, rows) if t.dim() == 2 else (0, rows))
 
 
-def _bn_vectors(blocks: List[Block], width: int, M: int, cast) -> Tensor:
+def _bn_vectors(blocks: List[Block], width: int) -> Tensor:
     """[3, len(blocks), width] fp32 center, scale, shift from running statistics (identity
     for blocks without BatchNorm, zero past each block's width)."""
     planes = []
@@ -144,10 +143,13 @@ def _bn_vectors(blocks: List[Block], width: int, M: int, cast) -> Tensor:
             dev = b.linear.weight.device
             vecs = (torch.zeros(n, device=dev), torch.ones(n, device=dev), torch.zeros(n, device=dev))
         else:
+            # plain torch ops rather than the bn_stats launcher, so torch.compile traces them
             bn = b.bn
-            mean, _, _, scale, shift = K.bn_stats(None, 1, M, cast(bn.running_mean), cast(bn.running_var),
-                                                  cast(bn.weight), cast(bn.bias), float(bn.eps))
-            vecs = (mean, scale, shift)
+            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.float()
+            shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
+            vecs = (bn.running_mean.float(), scale, shift)
         planes.append(torch.stack([_pad(v, width - n) for v in vecs]))
     return torch.stack(planes, dim=1)
 
@@ -186,6 +188,6 @@ def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Opt
     bn_hid = bn_out = None
     if any(b.bn is not None for b in blocks):
         with torch.no_grad():
-            bn_hid = _bn_vectors(hidden, H, x.shape[0], cast)
-            bn_out = _bn_vectors([last], last.linear.out_features, x.shape[0], cast)[:, 0]
+            bn_hid = _bn_vectors(hidden, H)
+            bn_out = _bn_vectors([last], last.linear.out_features)[:, 0]
     return mlp_infer(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid, bn_out, hid_relu, out_relu).to(dtype)

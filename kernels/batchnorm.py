@@ -7,7 +7,7 @@ precise even when |mean| >> std, since every mean it adds is small next to c):
 
     mean_t' = mean_t + (shift_t - c)
     n = n_a + n_t;  delta = mean_t' - mean_a
-    mean_a += delta * n_t / n;  M2_a += M2_t + delta^2 * n_a * n_t / n
+    M2_a += M2_t + delta^2 * n_a * n_t / n;  mean_a = (n_a mean_a + n_t mean_t') / n
     mean = c + mean_a;  var = M2 / B (biased, used to normalise);  rstd = rsqrt(var + eps)
     center = mean;  scale = gamma * rstd;  shift = beta
 
@@ -52,8 +52,8 @@ def _bn_stats_kernel(
             m2_t = tl.load(m2_part_ptr + t * N + offs_n, mask=mask, other=0.0)
             total = count + n_t
             delta = mean_t - mean
-            mean += delta * (n_t / total)
             m2 += m2_t + delta * delta * (count * n_t / total)
+            mean = (count * mean + n_t * mean_t) / total  # not mean += delta * ...: inf must stay inf
             count = total
         var = m2 / count
         mean += origin

@@ -100,7 +100,7 @@ def _act_fn(y, slope, ACT: tl.constexpr):
 def _act_backward(g, y, slope, ACT: tl.constexpr):
     """g * act'(y); ReLU and LeakyReLU select instead of multiplying, as torch does."""
     if ACT == ACT_RELU:
-        g = tl.where(y > 0.0, g, 0.0)
+        g = tl.where(y <= 0.0, 0.0, g)  # torch's threshold_backward: a NaN y passes g through
     elif ACT == ACT_LEAKY_RELU:
         g = tl.where(y > 0.0, g, g * slope)
     elif ACT == ACT_GELU:

@@ -64,12 +64,8 @@ def test_compiled_matches_eager(backend, compiler, momentum):
     _check_compiled(compiler, "cpu", momentum=momentum)
 
 
-def test_compiled_whole_net(request, backend):
+def test_compiled_whole_net(backend):
     """Widths the whole-net kernel takes in eval (with BatchNorm folded in)."""
-    if backend == "interpret":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "dwfast/whole_net.py: _bn_vectors calls the Triton launcher K.bn_stats outside a custom op, "
-            "which dynamo can't trace (UntypedStorage.data_ptr)")))
     _check_compiled("aot_eager", "cpu", width=20)
 
 

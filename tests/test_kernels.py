@@ -91,6 +91,14 @@ def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, 
             got = run(fused_chain, fused, xs.to(device, dtype), grad_out if grad is None else grad_out, x_grad)
             same = run(eager_chain, eager, xs.to(device, dtype), grad_out, x_grad)
             want = run(eager_chain, ref, xs.to(device, torch.float64), grad_out, x_grad)
+    assert_three_way(got, same, want, dtype, _bias_scales(want))
+    return got
+
+
+def assert_three_way(got, same, want, dtype, scales=None):
+    """For each key: got's error against the fp64 `want` is at most twice `same`'s (eager in
+    the same dtype) plus ATOL[dtype] * (1 + scale), scale = max |want| unless `scales` says.
+    Buffers named num_batches_tracked must be equal."""
     assert got.keys() == want.keys()
     for key, r in want.items():
         g, e = got[key], same[key]
@@ -99,15 +107,19 @@ def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, 
             assert torch.equal(g, e), key
             continue
         r, g, e = r.double().cpu(), g.double().cpu(), e.double().cpu()
-        scale = r.abs().max().item() if r.numel() else 0.0
-        if key.endswith("linear.bias.grad") and f"{key.split('.')[0]}.bn.weight" in want:
-            # ~0 in exact arithmetic under batch statistics: judge it on its weight's scale
-            scale = max(scale, want[key.replace("bias", "weight")].abs().max().item())
+        scale = (scales or {}).get(key, r.abs().max().item() if r.numel() else 0.0)
         tol = 2 * (e - r).abs().max().item() + ATOL[dtype] * (1 + scale) if r.numel() else 0.0
         err = (g - r).abs().max().item() if r.numel() else 0.0
         assert not torch.isnan(g).any(), key
         assert err <= tol, f"{key}: error {err:.3g} > tolerance {tol:.3g} (eager's error {(e - r).abs().max():.3g})"
-    return got
+
+
+def _bias_scales(want):
+    """A Linear bias before BatchNorm with batch statistics has gradient ~0 in exact
+    arithmetic: judge it on its weight's scale instead."""
+    return {key: max(r.abs().max().item(), want[key.replace("bias", "weight")].abs().max().item())
+            for key, r in want.items()
+            if key.endswith("linear.bias.grad") and f"{key.split('.')[0]}.bn.weight" in want}
 
 
 # (batch, in_features, widths, last_act): odd sizes that cross tile edges (tiles are 32
