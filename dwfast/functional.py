@@ -5,7 +5,7 @@ back to back on a 2-D input. :func:`fused_chain` is what the modules call; it ta
 modules themselves so every BatchNorm option (``training``, ``momentum=None``,
 ``affine=False``, ``track_running_stats=False``, ``eps``) is read exactly as eager reads it.
 """
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +16,32 @@ from .backend import get_whole_net, resolve_backend
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the kernels run
 
 
+# The activation modules a block can end on, exact types (a subclass may change forward).
+ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh)
+
+
 class Block(NamedTuple):
-    """One fusable block: ``linear`` then optional ``bn`` then ReLU if ``relu``."""
+    """One fusable block: ``linear``, then optionally ``bn``, the activation module ``act``
+    (one of ACTIVATION_TYPES) and ``dropout`` (an ``nn.Dropout``), in that order."""
     linear: nn.Linear
     bn: Optional[nn.BatchNorm1d] = None
-    relu: bool = False
+    act: Optional[nn.Module] = None
+    dropout: Optional[nn.Dropout] = None
+
+
+def act_spec(act: Optional[nn.Module]) -> Tuple[str, float]:
+    """(name in kernels.ACTIVATIONS, LeakyReLU's negative slope or 0) for an activation module."""
+    kind = type(act)
+    if act is None:
+        return "none", 0.0
+    if kind is nn.LeakyReLU:
+        return "leaky_relu", float(act.negative_slope)
+    if kind is nn.GELU:
+        return ("gelu" if act.approximate == "none" else "gelu_tanh"), 0.0
+    names = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
+    if kind not in names:
+        raise TypeError(f"dwfast fuses {[t.__name__ for t in ACTIVATION_TYPES]}, not {kind.__name__}")
+    return names[kind], 0.0
 
 
 def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
@@ -29,8 +50,10 @@ def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
         x = blk.linear(x)
         if blk.bn is not None:
             x = _batch_norm(blk.bn, x)
-        if blk.relu:
-            x = F.relu(x)
+        if blk.act is not None:
+            x = blk.act(x)
+        if blk.dropout is not None:
+            x = blk.dropout(x)
     return x
 
 

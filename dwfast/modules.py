@@ -3,7 +3,7 @@
 Both are ``nn.Sequential`` subclasses holding plain ``nn.Linear``/``nn.BatchNorm1d``/``nn.ReLU``
 children, so ``print(model)``, ``state_dict()`` keys, ``model[i]`` and optimizers behave as they
 do for ``nn.Sequential``; only ``forward`` differs: it runs each maximal run of
-``Linear [BatchNorm1d] [ReLU]`` blocks through :func:`dwfast.functional.fused_chain`.
+``Linear [BatchNorm1d] [activation] [Dropout]`` blocks through :func:`dwfast.functional.fused_chain`.
 """
 from collections import OrderedDict
 from numbers import Integral
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from .functional import Block, fused_chain
+from .functional import ACTIVATION_TYPES, Block, fused_chain
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -33,8 +33,10 @@ def plan(children: Sequence[nn.Module]) -> List[Union[nn.Module, List[Block]]]:
     """Group ``children`` into steps: a list of :class:`Block` (one fused run) or a lone module.
 
     A block is an exact ``nn.Linear``, optionally followed by an exact ``nn.BatchNorm1d``,
-    optionally followed by an ``nn.ReLU`` (in-place or not: the fused output is a new tensor
-    either way). Consecutive blocks form one run. Every other module is its own step, in order.
+    optionally followed by an activation (exact ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.GELU``,
+    ``nn.SiLU`` or ``nn.Tanh``; in-place or not: the fused output is a new tensor either way),
+    optionally followed by an exact ``nn.Dropout``. Consecutive blocks form one run. Every
+    other module is its own step, in order.
     """
     steps: List[Union[nn.Module, List[Block]]] = []
     i, n = 0, len(children)
@@ -43,21 +45,23 @@ def plan(children: Sequence[nn.Module]) -> List[Union[nn.Module, List[Block]]]:
             steps.append(children[i])
             i += 1
             continue
-        linear, bn, relu = children[i], None, False
+        linear, bn, act, dropout = children[i], None, None, None
         i += 1
         if i < n and _is(children[i], nn.BatchNorm1d):
             bn, i = children[i], i + 1
-        if i < n and _is(children[i], nn.ReLU):
-            relu, i = True, i + 1
+        if i < n and any(_is(children[i], t) for t in ACTIVATION_TYPES):
+            act, i = children[i], i + 1
+        if i < n and _is(children[i], nn.Dropout):
+            dropout, i = children[i], i + 1
         if steps and isinstance(steps[-1], list):
-            steps[-1].append(Block(linear, bn, relu))
+            steps[-1].append(Block(linear, bn, act, dropout))
         else:
-            steps.append([Block(linear, bn, relu)])
+            steps.append([Block(linear, bn, act, dropout)])
     return steps
 
 
 class FusedSequential(nn.Sequential):
-    """An ``nn.Sequential`` whose runs of ``Linear [BatchNorm1d] [ReLU]`` run fused.
+    """An ``nn.Sequential`` whose runs of ``Linear [BatchNorm1d] [activation] [Dropout]`` run fused.
 
     Takes the same arguments as ``nn.Sequential``. Children are grouped again on every forward
     (a cheap pass over the children), so replacing, appending or deleting children, or adding

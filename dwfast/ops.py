@@ -14,18 +14,21 @@ import torch
 from torch import Tensor
 
 from . import kernels as K
-from .functional import Block, _uses_batch_stats, autocast_dtype
+from .functional import Block, _uses_batch_stats, act_spec, autocast_dtype
 
 NO_BN, BATCH, FIXED = 0, 1, 2
 _PER_BLOCK = 6  # chain_forward outputs per block: z, mean, var, rstd, scale, shift
 
 
-def _act(bn_mode: int, relu: bool, z, stats) -> K.Act:
-    """A block's Act from its bn mode and (mean, var, rstd, scale, shift)."""
+def _act(i: int, bn_mode: int, z, stats, acts, slopes, drop_ps, seeds) -> K.Act:
+    """Block i's Act from its bn mode, (mean, var, rstd, scale, shift) and activation lists."""
+    k = sum(p > 0 for p in drop_ps[:i])  # seeds holds one entry per block with dropout
+    seed = seeds[k:k + 1] if drop_ps[i] > 0 else None
+    spec = dict(act=acts[i], slope=slopes[i], drop_p=drop_ps[i], seed=seed)
     if bn_mode == NO_BN:
-        return K.Act(z, None, None, None, None, False, relu)
+        return K.Act(z, None, None, None, None, False, **spec)
     mean, _, rstd, scale, shift = stats
-    return K.Act(z, mean, scale, shift, rstd, True, relu)
+    return K.Act(z, mean, scale, shift, rstd, True, **spec)
 
 
 def _stats_vectors(bn_mode, parts, tile_rows, M, run_mean, run_var, gamma, beta, eps):
@@ -47,15 +50,18 @@ def _expand(present: List[Tensor], flags: List[bool]) -> List[Optional[Tensor]]:
 @torch.library.custom_op("dwfast::chain_forward", mutates_args=())
 def chain_forward(
     x: Tensor, weights: List[Tensor], biases: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
-    running_means: List[Tensor], running_vars: List[Tensor],
+    running_means: List[Tensor], running_vars: List[Tensor], seeds: Tensor,
     has_bias: List[bool], has_gamma: List[bool], has_beta: List[bool],
-    bn_modes: List[int], relus: List[bool], eps: List[float],
+    bn_modes: List[int], acts: List[int], slopes: List[float], drop_ps: List[float], eps: List[float],
 ) -> List[Tensor]:
     """[out] + per block [z, mean, var, rstd, scale, shift] (empty where a block keeps none).
 
     `biases` of the blocks with `has_bias`, `gammas`/`betas` of the BatchNorm blocks with
-    `has_gamma`/`has_beta`, `running_means`/`running_vars` of the FIXED blocks. The last block's z is kept
-    only when an activation follows it (otherwise it is `out`).
+    `has_gamma`/`has_beta`, `running_means`/`running_vars` of the FIXED blocks. Block i's
+    activation is `acts[i]` (a code of kernels.ACTIVATIONS, LeakyReLU's slope `slopes[i]`),
+    then dropout with probability `drop_ps[i]` keyed on the next entry of `seeds` (int64, one
+    per block with dropout). The last block's z is kept only when an activation follows it
+    (otherwise it is `out`).
     """
     biases, gammas, betas = _expand(biases, has_bias), _expand(gammas, has_gamma), _expand(betas, has_beta)
     fixed = [m == FIXED for m in bn_modes]
@@ -70,7 +76,7 @@ def chain_forward(
         if bn_modes[i] != NO_BN:
             stats = _stats_vectors(bn_modes[i], parts, tile_rows, M, running_means[i], running_vars[i],
                                    gammas[i], betas[i], eps[i])
-        act_in = _act(bn_modes[i], relus[i], z, stats)
+        act_in = _act(i, bn_modes[i], z, stats, acts, slopes, drop_ps, seeds)
         h = z
         saved += [z, *stats]
     if act_in.identity:
@@ -80,41 +86,42 @@ def chain_forward(
 
 
 @chain_forward.register_fake
-def _(x, weights, biases, gammas, betas, running_means, running_vars, has_bias, has_gamma, has_beta,
-      bn_modes, relus, eps):
+def _(x, weights, biases, gammas, betas, running_means, running_vars, seeds, has_bias, has_gamma, has_beta,
+      bn_modes, acts, slopes, drop_ps, eps):
     M = x.shape[0]
     saved = []
     for w, mode in zip(weights, bn_modes):
         N = w.shape[0]
         vec = (x.new_empty(N, dtype=torch.float32) if mode != NO_BN else x.new_empty(0) for _ in range(5))
         saved += [x.new_empty(M, N), *vec]
-    if bn_modes[-1] == NO_BN and not relus[-1]:
+    if bn_modes[-1] == NO_BN and not acts[-1] and not drop_ps[-1]:
         saved[-_PER_BLOCK] = x.new_empty(0)
     return [x.new_empty(M, weights[-1].shape[0])] + saved
 
 
 @torch.library.custom_op("dwfast::chain_backward", mutates_args=())
 def chain_backward(
-    grad_out: Tensor, x: Tensor, weights: List[Tensor], saved: List[Tensor],
-    bn_modes: List[int], relus: List[bool], has_bias: List[bool], input_grad: bool,
+    grad_out: Tensor, x: Tensor, weights: List[Tensor], saved: List[Tensor], seeds: Tensor,
+    bn_modes: List[int], acts: List[int], slopes: List[float], drop_ps: List[float], has_bias: List[bool],
+    input_grad: bool,
 ) -> List[Tensor]:
     """[grad_x] + per block [dW, db, dgamma, dbeta] (empty where there is none)."""
     M = x.shape[0]
     L = len(weights)
     blocks = [saved[i * _PER_BLOCK:(i + 1) * _PER_BLOCK] for i in range(L)]
-    acts = [_act(bn_modes[i], relus[i], blocks[i][0], blocks[i][1:]) for i in range(L)]
+    sites = [_act(i, bn_modes[i], blocks[i][0], blocks[i][1:], acts, slopes, drop_ps, seeds) for i in range(L)]
     grads = [x.new_empty(0) for _ in range(1 + 4 * L)]
 
     g_y, parts = grad_out.contiguous(), None
-    if not acts[-1].identity:
-        g_y, parts, _ = K.act_bwd(g_y, acts[-1])
+    if not sites[-1].identity:
+        g_y, parts, _ = K.act_bwd(g_y, sites[-1])
     for i in reversed(range(L)):
-        act, bn = acts[i], None
+        act, bn = sites[i], None
         dgamma, dbeta = x.new_empty(0), x.new_empty(0)
         if act.bn:
             dgamma, dbeta, u, v = K.bn_grad(parts, M, act.scale, act.rstd, bn_modes[i] == BATCH)
             bn = K.BNGrad(act.center, act.scale, u, v)
-        act_in = acts[i - 1] if i > 0 else K.NO_ACT
+        act_in = sites[i - 1] if i > 0 else K.NO_ACT
         h = act_in.z if i > 0 else x
         dw, db = K.linear_dw(g_y, act.z, h, bn, act_in=act_in, has_bias=has_bias[i])
         grads[1 + 4 * i: 5 + 4 * i] = [dw, db if db is not None else x.new_empty(0), dgamma, dbeta]
@@ -126,7 +133,7 @@ def chain_backward(
 
 
 @chain_backward.register_fake
-def _(grad_out, x, weights, saved, bn_modes, relus, has_bias, input_grad):
+def _(grad_out, x, weights, saved, seeds, bn_modes, acts, slopes, drop_ps, has_bias, input_grad):
     grads = [x.new_empty(x.shape) if input_grad else x.new_empty(0)]
     for w, mode, bias in zip(weights, bn_modes, has_bias):
         N = w.shape[0]
@@ -136,21 +143,22 @@ def _(grad_out, x, weights, saved, bn_modes, relus, has_bias, input_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, _, gammas, betas, *_, has_bias, has_gamma, has_beta, bn_modes, relus, _eps = inputs
-    ctx.save_for_backward(x, *weights, *output[1:])
+    x, weights, _, gammas, betas, _, _, seeds, has_bias, has_gamma, has_beta, bn_modes, acts, slopes, drop_ps, _ = inputs
+    ctx.save_for_backward(x, seeds, *weights, *output[1:])
+    ctx.acts, ctx.slopes, ctx.drop_ps = acts, slopes, drop_ps
     ctx.gamma_dtypes, ctx.beta_dtypes = [g.dtype for g in gammas], [b.dtype for b in betas]
     ctx.num_blocks = len(weights)
     ctx.has_bias, ctx.has_gamma, ctx.has_beta = has_bias, has_gamma, has_beta
-    ctx.bn_modes, ctx.relus = bn_modes, relus
+    ctx.bn_modes = bn_modes
     ctx.num_fixed = sum(m == FIXED for m in bn_modes)
 
 
 def _backward(ctx, grads):
-    x, *rest = ctx.saved_tensors
+    x, seeds, *rest = ctx.saved_tensors
     L = ctx.num_blocks
     weights, saved = rest[:L], rest[L:]
-    out = chain_backward(grads[0], x, list(weights), list(saved), ctx.bn_modes, ctx.relus, ctx.has_bias,
-                         ctx.needs_input_grad[0])
+    out = chain_backward(grads[0], x, list(weights), list(saved), seeds, ctx.bn_modes, ctx.acts, ctx.slopes,
+                         ctx.drop_ps, ctx.has_bias, ctx.needs_input_grad[0])
     per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
     d_w = [g[0] for g in per]
     d_b = [g[1] for i, g in enumerate(per) if ctx.has_bias[i]]
@@ -159,7 +167,7 @@ def _backward(ctx, grads):
     d_beta = [g.to(dt) for g, dt in zip([g[3] for i, g in enumerate(per) if ctx.has_beta[i]], ctx.beta_dtypes)]
     d_x = out[0] if ctx.needs_input_grad[0] else None
     no_stats = [None] * ctx.num_fixed
-    return (d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats) + (None,) * 6  # the flag lists
+    return (d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats, None) + (None,) * 8  # seeds, the flag lists
 
 
 chain_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -169,22 +177,23 @@ chain_forward.register_autograd(_backward, setup_context=_setup_context)
 def chain_infer(
     x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], gammas: List[Optional[Tensor]],
     betas: List[Optional[Tensor]], running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]],
-    relus: List[bool], eps: List[float],
+    acts: List[int], slopes: List[float], eps: List[float],
 ) -> Tensor:
-    """No-grad chain with running statistics: each block is one GEMM writing a_l directly."""
+    """No-grad chain with running statistics and no dropout: each block is one GEMM writing
+    a_l directly."""
     h = x
     for i, w in enumerate(weights):
-        act = K.NO_ACT._replace(act=int(relus[i]))
+        act = K.NO_ACT._replace(act=acts[i], slope=slopes[i])
         if running_means[i] is not None:
             mean, _, rstd, scale, shift = K.bn_stats(None, 1, x.shape[0], running_means[i], running_vars[i],
                                                      gammas[i], betas[i], eps[i])
-            act = K.Act(None, mean, scale, shift, rstd, True, relus[i])
+            act = K.Act(None, mean, scale, shift, rstd, True, acts[i], slopes[i])
         h, _, _ = K.linear_fwd(h, w, biases[i], act_out=act)
     return h
 
 
 @chain_infer.register_fake
-def _(x, weights, biases, gammas, betas, running_means, running_vars, relus, eps):
+def _(x, weights, biases, gammas, betas, running_means, running_vars, acts, slopes, eps):
     return x.new_empty(x.shape[0], weights[-1].shape[0])
 
 
@@ -202,6 +211,13 @@ def update_running_stats(
 @update_running_stats.register_fake
 def _(running_means, running_vars, num_batches, means, variances, batch, momentums, cumulative):
     return None
+
+
+def draw_seed(device) -> Tensor:
+    """One int64 dropout seed [1] from torch's generator on `device`, drawn per block with
+    dropout in block order: seeded runs repeat, an eager model can draw the same stream, and
+    drawing on the device needs no host synchronisation (CUDA-graph safe)."""
+    return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
 
 
 def _present(tensors, keep=None):
@@ -236,21 +252,24 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     run_means = [cast(bn.running_mean) if bn is not None else None for bn in bns]
     run_vars = [cast(bn.running_var) if bn is not None else None for bn in bns]
     modes = [NO_BN if bn is None else BATCH if _uses_batch_stats(bn) else FIXED for bn in bns]
-    relus = [b.relu for b in blocks]
+    acts, slopes = zip(*(act_spec(b.act) for b in blocks))
+    acts, slopes = [K.ACTIVATIONS[a] for a in acts], list(slopes)
+    drop_ps = [float(b.dropout.p) if b.dropout is not None and b.dropout.training else 0.0 for b in blocks]
     eps = [float(bn.eps) if bn is not None else 0.0 for bn in bns]
     x = lin_cast(x)
 
     params = [t for t in weights + biases + gammas + betas if t is not None]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    if not needs_grad and BATCH not in modes:
-        return chain_infer(x, weights, biases, gammas, betas, run_means, run_vars, relus, eps).to(dtype)
+    if not needs_grad and BATCH not in modes and not any(drop_ps):
+        return chain_infer(x, weights, biases, gammas, betas, run_means, run_vars, acts, slopes, eps).to(dtype)
+    seeds = torch.cat([draw_seed(x.device) for p in drop_ps if p > 0] or [x.new_empty(0, dtype=torch.int64)])
 
     fixed = [m == FIXED for m in modes]
     res = chain_forward(
         x, weights, _present(biases), _present(gammas), _present(betas),
-        _present(run_means, fixed), _present(run_vars, fixed),
+        _present(run_means, fixed), _present(run_vars, fixed), seeds,
         [b is not None for b in biases], [g is not None for g in gammas], [b is not None for b in betas],
-        modes, relus, eps)
+        modes, acts, slopes, drop_ps, eps)
     tracked = [i for i, bn in enumerate(bns) if bn is not None and bn.training and bn.running_mean is not None]
     if tracked:
         rm = [run_means[i] for i in tracked]

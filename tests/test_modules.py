@@ -217,8 +217,10 @@ def test_batch_of_one_in_eval_is_fine(backend):
 # Grouping: which children become fused runs.
 
 def kinds(steps):
-    """Steps as nested tuples of ('L', 'B', 'R') letters per block, or the module's class name."""
-    return [[("L" + ("B" if b.bn is not None else "") + ("R" if b.relu else "")) for b in s]
+    """Steps as nested tuples of ('L', 'B', 'R' (activation), 'D') letters per block, or the
+    module's class name."""
+    return [[("L" + ("B" if b.bn is not None else "") + ("R" if b.act is not None else "")
+              + ("D" if b.dropout is not None else "")) for b in s]
             if isinstance(s, list) else type(s).__name__ for s in steps]
 
 
@@ -235,7 +237,12 @@ class MyBN(nn.BatchNorm1d):
     ([nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)],
      [["LBR", "LR", "L"]]),
     ([nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)],
-     [["L"], "Dropout", ["LB"], "BatchNorm1d"]),
+     [["LD", "LB"], "BatchNorm1d"]),
+    ([nn.Linear(4, 4), nn.GELU(approximate="tanh"), nn.Dropout(0.2), nn.Linear(4, 4), nn.SiLU(), nn.Tanh(),
+      nn.Linear(4, 4), nn.LeakyReLU(0.3), nn.Dropout(), nn.Dropout()],
+     [["LRD", "LR"], "Tanh", ["LRD"], "Dropout"]),
+    ([nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 4), nn.Dropout1d()],
+     [["L"], "ELU", ["L"], "Dropout1d"]),
     ([nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.ReLU(), nn.ReLU()],
      ["ReLU", "BatchNorm1d", ["LR"], "ReLU"]),
     ([MyLinear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4), MyBN(4), nn.ReLU()],
@@ -243,7 +250,7 @@ class MyBN(nn.BatchNorm1d):
     ([nn.Linear(4, 4), nn.SyncBatchNorm(4), nn.LazyLinear(4), nn.ReLU()],
      [["L"], "SyncBatchNorm", "LazyLinear", "ReLU"]),
     ([nn.Linear(4, 4), nn.BatchNorm1d(4), nn.LeakyReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()],
-     [["LB"], "LeakyReLU", ["LBR"]]),
+     [["LBR", "LBR"]]),
     ([], []),
 ])
 def test_plan(children, expected):
@@ -275,7 +282,7 @@ def count_chains(monkeypatch):
 def test_forward_fuses_each_run(count_chains):
     model = MLP(6, [8, 8], 2, dropout=0.1)
     model(torch.randn(16, 6))
-    assert count_chains == [["LBR"], ["LBR"], ["L"]]
+    assert count_chains == [["LBRD", "LBRD", "L"]]  # dropout fused too: one chain
     count_chains.clear()
     MLP(6, [8, 8], 2)(torch.randn(16, 6))
     assert count_chains == [["LBR", "LBR", "L"]]
@@ -380,4 +387,4 @@ def test_block_fields():
     # fused_chain is called with Block tuples naming the very modules of the model.
     model = MLP(5, [4], 2)
     (run,) = dw_modules.plan(list(model))
-    assert run == [Block(model[0], model[1], True), Block(model[3], None, False)]
+    assert run == [Block(model[0], model[1], model[2]), Block(model[3], None, None)]

@@ -141,7 +141,7 @@ def test_dispatch_rule(kernel_device, spy, case, expected):
         if b.bn is not None:
             b.bn.train(case == "bn_training")
     if case == "mixed_relu":
-        blocks[1] = blocks[1]._replace(relu=False)
+        blocks[1] = blocks[1]._replace(act=None)
     grad = case in ("qualifies_no_bn_train", "eval_bn_with_grad", "bn_training")
     with torch.set_grad_enabled(grad):
         assert _taken(blocks, torch.randn(10, 6, device=kernel_device), spy) == expected
