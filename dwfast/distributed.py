@@ -33,6 +33,24 @@ def needs_sync(bn: Optional[nn.Module]) -> bool:
             and dist.get_world_size(_group(bn)) > 1)
 
 
+_GROUPS = [None]  # process groups by id, for the custom ops (which take ints); 0: none
+
+
+def group_id(bn: nn.Module) -> int:
+    """An int naming `bn`'s process group (WORLD when it has none), for the custom ops."""
+    group = _group(bn)
+    for i, known in enumerate(_GROUPS):
+        if known is group:
+            return i
+    _GROUPS.append(group)
+    return len(_GROUPS) - 1
+
+
+def group_of(group_id: int):
+    """The process group that :func:`group_id` named."""
+    return _GROUPS[group_id]
+
+
 def merge_stats(count: Tensor, mean: Tensor, var: Tensor, group=None):
     """The group's (count, mean, biased var) from each rank's; fp32 [N] in, fp32 [N] out.
 

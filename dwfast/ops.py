@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from . import distributed as D
 from . import kernels as K
 from .functional import Block, _uses_batch_stats, act_spec, autocast_dtype
 
@@ -31,10 +32,18 @@ def _act(i: int, bn_mode: int, z, stats, acts, slopes, drop_ps, seeds) -> K.Act:
     return K.Act(z, mean, scale, shift, rstd, True, **spec)
 
 
-def _stats_vectors(bn_mode, parts, tile_rows, M, run_mean, run_var, gamma, beta, eps):
-    if parts is None and bn_mode == BATCH:
-        raise AssertionError("batch statistics need the GEMM's partials")
-    return K.bn_stats(parts if bn_mode == BATCH else None, tile_rows, M, run_mean, run_var, gamma, beta, eps)
+def _stats_vectors(bn_mode, parts, tile_rows, M, run_mean, run_var, gamma, beta, eps, sync):
+    """(mean, var_unbiased, rstd, scale, shift) of a BatchNorm block."""
+    if bn_mode != BATCH:
+        return K.bn_stats(None, tile_rows, M, run_mean, run_var, gamma, beta, eps)
+    if not sync:
+        return K.bn_stats(parts, tile_rows, M, None, None, gamma, beta, eps)
+    # this rank's statistics, merged with the group's; then scale and shift from those
+    mean, var_unbiased, *_ = K.bn_stats(parts, tile_rows, M, None, None, None, None, eps)
+    count = torch.full((), float(M), device=mean.device)
+    count, mean, var = D.merge_stats(count, mean, var_unbiased * ((M - 1) / M), D.group_of(sync))
+    stats = K.bn_stats(None, tile_rows, M, mean, var, gamma, beta, eps)
+    return (stats[0], var * (count / (count - 1))) + stats[2:]
 
 
 def _expand(present: List[Tensor], flags: List[bool]) -> List[Optional[Tensor]]:
@@ -53,15 +62,18 @@ def chain_forward(
     running_means: List[Tensor], running_vars: List[Tensor], seeds: Tensor,
     has_bias: List[bool], has_gamma: List[bool], has_beta: List[bool],
     bn_modes: List[int], acts: List[int], slopes: List[float], drop_ps: List[float], eps: List[float],
+    syncs: List[int],
 ) -> List[Tensor]:
-    """[out] + per block [z, mean, var, rstd, scale, shift] (empty where a block keeps none).
+    """[out] + per block [z, mean, var, rstd, scale, shift] (empty where a block keeps none;
+    var is the unbiased batch variance, for the running statistics).
 
     `biases` of the blocks with `has_bias`, `gammas`/`betas` of the BatchNorm blocks with
     `has_gamma`/`has_beta`, `running_means`/`running_vars` of the FIXED blocks. Block i's
     activation is `acts[i]` (a code of kernels.ACTIVATIONS, LeakyReLU's slope `slopes[i]`),
     then dropout with probability `drop_ps[i]` keyed on the next entry of `seeds` (int64, one
     per block with dropout). The last block's z is kept only when an activation follows it
-    (otherwise it is `out`).
+    (otherwise it is `out`). A BATCH block with `syncs[i]` (a process-group id of
+    dwfast.distributed) takes its statistics over the whole group.
     """
     biases, gammas, betas = _expand(biases, has_bias), _expand(gammas, has_gamma), _expand(betas, has_beta)
     fixed = [m == FIXED for m in bn_modes]
@@ -75,7 +87,7 @@ def chain_forward(
         stats = tuple(x.new_empty(0) for _ in range(5))
         if bn_modes[i] != NO_BN:
             stats = _stats_vectors(bn_modes[i], parts, tile_rows, M, running_means[i], running_vars[i],
-                                   gammas[i], betas[i], eps[i])
+                                   gammas[i], betas[i], eps[i], syncs[i])
         act_in = _act(i, bn_modes[i], z, stats, acts, slopes, drop_ps, seeds)
         h = z
         saved += [z, *stats]
@@ -87,7 +99,7 @@ def chain_forward(
 
 @chain_forward.register_fake
 def _(x, weights, biases, gammas, betas, running_means, running_vars, seeds, has_bias, has_gamma, has_beta,
-      bn_modes, acts, slopes, drop_ps, eps):
+      bn_modes, acts, slopes, drop_ps, eps, syncs):
     M = x.shape[0]
     saved = []
     for w, mode in zip(weights, bn_modes):
@@ -103,7 +115,7 @@ def _(x, weights, biases, gammas, betas, running_means, running_vars, seeds, has
 def chain_backward(
     grad_out: Tensor, x: Tensor, weights: List[Tensor], saved: List[Tensor], seeds: Tensor,
     bn_modes: List[int], acts: List[int], slopes: List[float], drop_ps: List[float], has_bias: List[bool],
-    input_grad: bool,
+    syncs: List[int], input_grad: bool,
 ) -> List[Tensor]:
     """[grad_x] + per block [dW, db, dgamma, dbeta] (empty where there is none)."""
     M = x.shape[0]
@@ -119,7 +131,11 @@ def chain_backward(
         act, bn = sites[i], None
         dgamma, dbeta = x.new_empty(0), x.new_empty(0)
         if act.bn:
-            dgamma, dbeta, u, v = K.bn_grad(parts, M, act.scale, act.rstd, bn_modes[i] == BATCH)
+            batch = bn_modes[i] == BATCH
+            if batch and syncs[i]:
+                dgamma, dbeta, u, v = _synced_bn_grad(parts, M, act, syncs[i])
+            else:
+                dgamma, dbeta, u, v = K.bn_grad(parts, M, act.scale, act.rstd, batch)
             bn = K.BNGrad(act.center, act.scale, u, v)
         act_in = sites[i - 1] if i > 0 else K.NO_ACT
         h = act_in.z if i > 0 else x
@@ -132,8 +148,18 @@ def chain_backward(
     return grads
 
 
+def _synced_bn_grad(parts, M: int, act: K.Act, sync: int):
+    """BatchNorm backward over a process group: dgamma, dbeta stay this rank's sums (DDP
+    averages parameter gradients as it does eager's), u and v use the group's means."""
+    local = torch.stack([parts[0].sum(0), parts[1].sum(0), torch.full_like(parts[0][0], float(M))])
+    group = D.all_reduce_sum(local.clone(), D.group_of(sync))
+    means = group[:2] / group[2]
+    _, _, u, v = K.bn_grad((means[0:1], means[1:2]), 1, act.scale, act.rstd, True)
+    return local[1], local[0], u, v
+
+
 @chain_backward.register_fake
-def _(grad_out, x, weights, saved, seeds, bn_modes, acts, slopes, drop_ps, has_bias, input_grad):
+def _(grad_out, x, weights, saved, seeds, bn_modes, acts, slopes, drop_ps, has_bias, syncs, input_grad):
     grads = [x.new_empty(x.shape) if input_grad else x.new_empty(0)]
     for w, mode, bias in zip(weights, bn_modes, has_bias):
         N = w.shape[0]
@@ -143,9 +169,10 @@ def _(grad_out, x, weights, saved, seeds, bn_modes, acts, slopes, drop_ps, has_b
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, _, gammas, betas, _, _, seeds, has_bias, has_gamma, has_beta, bn_modes, acts, slopes, drop_ps, _ = inputs
+    x, weights, _, gammas, betas, _, _, seeds, has_bias, has_gamma, has_beta, bn_modes, acts, slopes, drop_ps, _, \
+        syncs = inputs
     ctx.save_for_backward(x, seeds, *weights, *output[1:])
-    ctx.acts, ctx.slopes, ctx.drop_ps = acts, slopes, drop_ps
+    ctx.acts, ctx.slopes, ctx.drop_ps, ctx.syncs = acts, slopes, drop_ps, syncs
     ctx.gamma_dtypes, ctx.beta_dtypes = [g.dtype for g in gammas], [b.dtype for b in betas]
     ctx.num_blocks = len(weights)
     ctx.has_bias, ctx.has_gamma, ctx.has_beta = has_bias, has_gamma, has_beta
@@ -158,7 +185,7 @@ def _backward(ctx, grads):
     L = ctx.num_blocks
     weights, saved = rest[:L], rest[L:]
     out = chain_backward(grads[0], x, list(weights), list(saved), seeds, ctx.bn_modes, ctx.acts, ctx.slopes,
-                         ctx.drop_ps, ctx.has_bias, ctx.needs_input_grad[0])
+                         ctx.drop_ps, ctx.has_bias, ctx.syncs, ctx.needs_input_grad[0])
     per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
     d_w = [g[0] for g in per]
     d_b = [g[1] for i, g in enumerate(per) if ctx.has_bias[i]]
@@ -167,7 +194,7 @@ def _backward(ctx, grads):
     d_beta = [g.to(dt) for g, dt in zip([g[3] for i, g in enumerate(per) if ctx.has_beta[i]], ctx.beta_dtypes)]
     d_x = out[0] if ctx.needs_input_grad[0] else None
     no_stats = [None] * ctx.num_fixed
-    return (d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats, None) + (None,) * 8  # seeds, the flag lists
+    return (d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats, None) + (None,) * 9  # seeds, the flag lists
 
 
 chain_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -200,16 +227,17 @@ def _(x, weights, biases, gammas, betas, running_means, running_vars, acts, slop
 @torch.library.custom_op("dwfast::update_running_stats", mutates_args=("running_means", "running_vars", "num_batches"))
 def update_running_stats(
     running_means: List[Tensor], running_vars: List[Tensor], num_batches: List[Tensor],
-    means: List[Tensor], variances: List[Tensor], batch: int, momentums: List[float], cumulative: List[bool],
+    means: List[Tensor], variances: List[Tensor], momentums: List[float], cumulative: List[bool],
 ) -> None:
-    """BatchNorm's training-mode update of running statistics, for each listed block."""
+    """BatchNorm's training-mode update of running statistics, for each listed block
+    (`variances` unbiased)."""
     for i in range(len(running_means)):
-        K.update_running_stats(running_means[i], running_vars[i], num_batches[i], means[i], variances[i], batch,
+        K.update_running_stats(running_means[i], running_vars[i], num_batches[i], means[i], variances[i],
                                None if cumulative[i] else momentums[i])
 
 
 @update_running_stats.register_fake
-def _(running_means, running_vars, num_batches, means, variances, batch, momentums, cumulative):
+def _(running_means, running_vars, num_batches, means, variances, momentums, cumulative):
     return None
 
 
@@ -269,7 +297,7 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
         x, weights, _present(biases), _present(gammas), _present(betas),
         _present(run_means, fixed), _present(run_vars, fixed), seeds,
         [b is not None for b in biases], [g is not None for g in gammas], [b is not None for b in betas],
-        modes, acts, slopes, drop_ps, eps)
+        modes, acts, slopes, drop_ps, eps, [D.group_id(bn) if D.needs_sync(bn) else 0 for bn in bns])
     tracked = [i for i, bn in enumerate(bns) if bn is not None and bn.training and bn.running_mean is not None]
     if tracked:
         rm = [run_means[i] for i in tracked]
@@ -277,7 +305,7 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
         update_running_stats(
             rm, rv, [bns[i].num_batches_tracked for i in tracked],
             [res[1 + _PER_BLOCK * i + 1] for i in tracked], [res[1 + _PER_BLOCK * i + 2] for i in tracked],
-            x.shape[0], [float(bns[i].momentum or 0.0) for i in tracked], [bns[i].momentum is None for i in tracked])
+            [float(bns[i].momentum or 0.0) for i in tracked], [bns[i].momentum is None for i in tracked])
         for i, r_mean, r_var in zip(tracked, rm, rv):
             if r_mean is not bns[i].running_mean:  # upcast copies: write back
                 bns[i].running_mean.copy_(r_mean)

@@ -8,7 +8,8 @@ precise even when |mean| >> std, since every mean it adds is small next to c):
     mean_t' = mean_t + (shift_t - c)
     n = n_a + n_t;  delta = mean_t' - mean_a
     M2_a += M2_t + delta^2 * n_a * n_t / n;  mean_a = (n_a mean_a + n_t mean_t') / n
-    mean = c + mean_a;  var = M2 / B (biased, used to normalise);  rstd = rsqrt(var + eps)
+    mean = c + mean_a;  var = M2 / B (biased, to normalise);  rstd = rsqrt(var + eps)
+    var_unbiased = M2 / (B - 1)   (output, for the running variance)
     center = mean;  scale = gamma * rstd;  shift = beta
 
 With running statistics (eval) the same outputs come from running_mean / running_var.
@@ -21,7 +22,7 @@ Backward finalize, from per-row-tile sums of g_y and g_y * xhat (summed in tile 
 Running statistics (one program, so reading and bumping num_batches_tracked cannot race):
 
     f = momentum, or 1 / num_batches_tracked when momentum is None (cumulative average)
-    running_mean = (1 - f) running_mean + f mean;  running_var = (1 - f) running_var + f var * B / (B - 1)
+    running_mean = (1 - f) running_mean + f mean;  running_var = (1 - f) running_var + f var_unbiased
 """
 import torch
 import triton
@@ -57,9 +58,11 @@ def _bn_stats_kernel(
             count = total
         var = m2 / count
         mean += origin
+        var_out = m2 / (count - 1.0)
     else:
         mean = tl.load(run_mean_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
         var = tl.load(run_var_ptr + offs_n, mask=mask, other=1.0).to(tl.float32)
+        var_out = var
     rstd = tl.math.rsqrt(var + eps)
     scale = rstd
     shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -68,7 +71,7 @@ def _bn_stats_kernel(
     if HAS_BETA:
         shift += tl.load(beta_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
     tl.store(mean_ptr + offs_n, mean, mask=mask)
-    tl.store(var_ptr + offs_n, var, mask=mask)
+    tl.store(var_ptr + offs_n, var_out, mask=mask)
     tl.store(rstd_ptr + offs_n, rstd, mask=mask)
     tl.store(scale_ptr + offs_n, scale, mask=mask)
     tl.store(shift_ptr + offs_n, shift, mask=mask)
@@ -105,7 +108,7 @@ def _running_stats_kernel(
     # pointers
     run_mean_ptr, run_var_ptr, num_batches_ptr, mean_ptr, var_ptr,
     # sizes
-    M, N, momentum,
+    N, momentum,
     # meta-parameters
     CUMULATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -115,14 +118,13 @@ def _running_stats_kernel(
         factor = 1.0 / num_batches.to(tl.float32)
     else:
         factor = momentum
-    bessel = M / (M - 1.0)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = offs_n < N
         run_mean = tl.load(run_mean_ptr + offs_n, mask=mask)
         run_var = tl.load(run_var_ptr + offs_n, mask=mask)
         mean = tl.load(mean_ptr + offs_n, mask=mask)
-        var = tl.load(var_ptr + offs_n, mask=mask) * bessel
+        var = tl.load(var_ptr + offs_n, mask=mask)
         new_mean = (1.0 - factor) * run_mean.to(tl.float32) + factor * mean
         new_var = (1.0 - factor) * run_var.to(tl.float32) + factor * var
         tl.store(run_mean_ptr + offs_n, new_mean.to(run_mean.dtype), mask=mask)
@@ -136,7 +138,8 @@ _BLOCK_N = 128
 
 def bn_stats(partials, tile_rows: int, M: int, running_mean, running_var, gamma, beta, eps: float):
     """(mean, var, rstd, scale, shift), fp32 [N]: from the GEMM's partials when given
-    (batch statistics, var biased), else from the running statistics."""
+    (batch statistics; var is the unbiased variance, for the running statistics, while rstd
+    normalises with the biased one), else from the running statistics (var = running_var)."""
     ref = running_mean if partials is None else partials[0]
     N = ref.shape[-1]
     out = [torch.empty(N, device=ref.device, dtype=torch.float32) for _ in range(5)]
@@ -165,12 +168,12 @@ def bn_grad(partials, M: int, scale, rstd, batch_stats: bool):
     return dgamma, dbeta, u, v
 
 
-def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, M: int, momentum):
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var_unbiased, momentum):
     """In place, as BatchNorm1d does in training: bump num_batches_tracked, then blend the
     batch mean and unbiased variance in with `momentum` (None: cumulative average)."""
     N = running_mean.shape[0]
     _running_stats_kernel[(1,)](
-        running_mean, running_var, num_batches_tracked, mean, var,
-        M, N, 0.0 if momentum is None else float(momentum),
+        running_mean, running_var, num_batches_tracked, mean, var_unbiased,
+        N, 0.0 if momentum is None else float(momentum),
         CUMULATIVE=momentum is None, BLOCK_N=_BLOCK_N,
     )

@@ -98,9 +98,10 @@ def _forward_args(x, widths, modes, acts, bias=True, affine=True, slopes=None, d
     has_bias = [bias] * len(widths)
     has_bn = [mode != NO_BN and affine for mode in modes]
     drop_ps = drop_ps or [0.0] * len(widths)
-    seeds = torch.randint(0, 2 ** 62, (len(widths) if any(drop_ps) else 0,))
+    seeds = torch.randint(0, 2 ** 62, (sum(p > 0 for p in drop_ps),))  # one per block with dropout
     return (x, weights, biases, gammas, betas, run_means, run_vars, seeds, has_bias, has_bn, has_bn, modes,
-            [ACTIVATIONS[a] for a in acts], slopes or [0.0] * len(widths), drop_ps, [1e-5] * len(widths))
+            [ACTIVATIONS[a] for a in acts], slopes or [0.0] * len(widths), drop_ps, [1e-5] * len(widths),
+            [0] * len(widths))
 
 
 FORWARD_SAMPLES = {
@@ -123,13 +124,13 @@ def test_opcheck_forward_backward(kernel_device, sample):
         grad_out = torch.randn(args[1][-1].shape[0], args[0].shape[0]).t()  # non-contiguous too
     args[0].requires_grad_()
     torch.library.opcheck(chain_forward, args)
-    x, weights, _, _, _, _, _, seeds, has_bias, _, _, modes, acts, slopes, drop_ps, _ = args
+    x, weights, _, _, _, _, _, seeds, has_bias, _, _, modes, acts, slopes, drop_ps, _, syncs = args
     with torch.no_grad():
         res = chain_forward(*args)
     detached = [w.detach() for w in weights]
     for input_grad in (True, False):
         torch.library.opcheck(chain_backward, (grad_out, x.detach(), detached, res[1:], seeds, modes, acts, slopes,
-                                               drop_ps, has_bias, input_grad))
+                                               drop_ps, has_bias, syncs, input_grad))
 
 
 def test_opcheck_infer(kernel_device):
@@ -146,5 +147,5 @@ def test_opcheck_update_running_stats(kernel_device, cumulative):
     with kernel_device:
         args = ([torch.randn(k) for k in n], [torch.rand(k) + 0.5 for k in n],
                 [torch.tensor(3), torch.tensor(0)], [torch.randn(k) for k in n], [torch.rand(k) for k in n],
-                17, [0.1, 0.3], [cumulative, False])
+                [0.1, 0.3], [cumulative, False])
     torch.library.opcheck(update_running_stats, args)

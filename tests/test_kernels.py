@@ -79,6 +79,13 @@ def run(fn, blocks, x, grad_out, x_grad=True):
     return res
 
 
+def _seeded(device, fn, *args):
+    """fn(*args) from a fixed RNG state, leaving the caller's RNG state as it was."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(1)
+        return fn(*args)
+
+
 def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, steps=1):
     """Run `blocks` fused in `dtype`, eager in `dtype` and eager in fp64; check the rule."""
     fused, eager, ref = cast(blocks, dtype, device), cast(blocks, dtype, device), cast(blocks, torch.float64, device)
@@ -94,12 +101,9 @@ def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, 
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             # the same seed before each: the same dropout masks (conftest's kernel_mask_dropout)
-            torch.manual_seed(1)
-            got = run(fused_chain, fused, xs.to(device, dtype), grad_out, x_grad)
-            torch.manual_seed(1)
-            same = run(eager_chain, eager, xs.to(device, dtype), grad_out, x_grad)
-            torch.manual_seed(1)
-            want = run(eager_chain, ref, xs.to(device, torch.float64), grad_out, x_grad)
+            got = _seeded(device, run, fused_chain, fused, xs.to(device, dtype), grad_out, x_grad)
+            same = _seeded(device, run, eager_chain, eager, xs.to(device, dtype), grad_out, x_grad)
+            want = _seeded(device, run, eager_chain, ref, xs.to(device, torch.float64), grad_out, x_grad)
     assert_three_way(got, same, want, dtype, _bias_scales(want))
     return got
 
