@@ -13,7 +13,9 @@ statistics over the whole process group, as eager SyncBatchNorm does:
 
 Synchronisation happens as eager SyncBatchNorm's does: in training, with torch.distributed
 initialised and more than one rank in the module's process group; otherwise a
-SyncBatchNorm is an ordinary BatchNorm1d.
+SyncBatchNorm is an ordinary BatchNorm1d. :func:`sync_batchnorm` asks the same of a model's
+plain BatchNorm1d modules without changing their type: DDP refuses SyncBatchNorm in CPU
+modules, and state_dicts stay those of the unsynchronised model.
 """
 from typing import Optional
 
@@ -23,13 +25,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+_SYNC_ATTR = "dwfast_process_group"  # set by sync_batchnorm on a plain BatchNorm1d
+
+
+def sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Make every ``nn.BatchNorm1d`` in `module` synchronise its batch statistics over
+    `process_group` (default: the whole world) when fused, as ``nn.SyncBatchNorm`` would.
+    In place; returns `module`. Types, parameters and state_dict keys do not change."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm1d:
+            setattr(m, _SYNC_ATTR, process_group)
+    return module
+
+
+def _synchronised(bn: Optional[nn.Module]) -> bool:
+    return isinstance(bn, nn.SyncBatchNorm) or hasattr(bn, _SYNC_ATTR)
+
+
 def _group(bn: nn.Module):
-    return getattr(bn, "process_group", None) or dist.group.WORLD
+    return getattr(bn, "process_group", None) or getattr(bn, _SYNC_ATTR, None) or dist.group.WORLD
 
 
 def needs_sync(bn: Optional[nn.Module]) -> bool:
     """Whether `bn` reduces its batch statistics across ranks in this call."""
-    return (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized()
+    return (_synchronised(bn) and bn.training and dist.is_available() and dist.is_initialized()
             and dist.get_world_size(_group(bn)) > 1)
 
 
@@ -119,13 +138,13 @@ def sync_batch_norm(x: Tensor, bn: nn.SyncBatchNorm) -> Tensor:
 
 
 def batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
-    """`bn(x)`, except that a SyncBatchNorm that must synchronise on a device eager
-    SyncBatchNorm refuses (the CPU) runs :func:`sync_batch_norm`; an unsynchronised
-    SyncBatchNorm runs as BatchNorm1d (eager SyncBatchNorm refuses the CPU even then)."""
+    """`bn(x)` for a synchronised BatchNorm: eager SyncBatchNorm where it runs (CUDA),
+    else :func:`sync_batch_norm` when it must synchronise, else BatchNorm1d's computation
+    (eager SyncBatchNorm refuses CPU tensors even then)."""
+    if needs_sync(bn) and not (isinstance(bn, nn.SyncBatchNorm) and x.device.type == "cuda"):
+        return sync_batch_norm(x, bn)
     if not isinstance(bn, nn.SyncBatchNorm) or x.device.type == "cuda":
         return bn(x)
-    if needs_sync(bn):
-        return sync_batch_norm(x, bn)
     return F.batch_norm(
         x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
         bn.training or bn.running_mean is None, _momentum(bn), bn.eps)

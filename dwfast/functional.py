@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .backend import get_whole_net, resolve_backend
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the kernels run
@@ -61,7 +62,10 @@ def _batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     """``bn(x)``, except under torch.compile for a cumulative average (``momentum=None``) in
     training: eager's ``1.0 / float(num_batches_tracked)`` is data dependent and breaks
     ``fullgraph=True`` (pytorch#194504), so the factor stays a tensor here. Eager runs keep
-    ``bn(x)`` itself, bit for bit."""
+    ``bn(x)`` itself, bit for bit. A SyncBatchNorm goes through dwfast.distributed, which
+    also runs it on the CPU (eager SyncBatchNorm refuses CPU tensors)."""
+    if distributed.needs_sync(bn) or isinstance(bn, nn.SyncBatchNorm):
+        return distributed.batch_norm(x, bn)
     if not (torch.compiler.is_compiling() and bn.momentum is None and bn.training and bn.track_running_stats
             and bn.num_batches_tracked is not None and type(bn) is nn.BatchNorm1d):
         return bn(x)
@@ -127,7 +131,7 @@ def _fusable(x: torch.Tensor, blocks: List[Block]) -> bool:
     for blk in blocks:
         tensors = [blk.linear.weight, blk.linear.bias]
         if blk.bn is not None:
-            if type(blk.bn) is not nn.BatchNorm1d:
+            if type(blk.bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm):
                 return False
             tensors += [blk.bn.weight, blk.bn.bias, blk.bn.running_mean, blk.bn.running_var]
         if any(t is not None and (t.dtype not in dtypes or t.device != x.device) for t in tensors):

@@ -32,7 +32,8 @@ def _is(m, cls) -> bool:
 def plan(children: Sequence[nn.Module]) -> List[Union[nn.Module, List[Block]]]:
     """Group ``children`` into steps: a list of :class:`Block` (one fused run) or a lone module.
 
-    A block is an exact ``nn.Linear``, optionally followed by an exact ``nn.BatchNorm1d``,
+    A block is an exact ``nn.Linear``, optionally followed by an exact ``nn.BatchNorm1d`` or
+    ``nn.SyncBatchNorm`` (its statistics reduced over its process group),
     optionally followed by an activation (exact ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.GELU``,
     ``nn.SiLU`` or ``nn.Tanh``; in-place or not: the fused output is a new tensor either way),
     optionally followed by an exact ``nn.Dropout``. Consecutive blocks form one run. Every
@@ -47,7 +48,7 @@ def plan(children: Sequence[nn.Module]) -> List[Union[nn.Module, List[Block]]]:
             continue
         linear, bn, act, dropout = children[i], None, None, None
         i += 1
-        if i < n and _is(children[i], nn.BatchNorm1d):
+        if i < n and (_is(children[i], nn.BatchNorm1d) or _is(children[i], nn.SyncBatchNorm)):
             bn, i = children[i], i + 1
         if i < n and any(_is(children[i], t) for t in ACTIVATION_TYPES):
             act, i = children[i], i + 1

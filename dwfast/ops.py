@@ -155,7 +155,7 @@ def _synced_bn_grad(parts, M: int, act: K.Act, sync: int):
     group = D.all_reduce_sum(local.clone(), D.group_of(sync))
     means = group[:2] / group[2]
     _, _, u, v = K.bn_grad((means[0:1], means[1:2]), 1, act.scale, act.rstd, True)
-    return local[1], local[0], u, v
+    return local[1].clone(), local[0].clone(), u, v  # clones: an op's outputs may not alias
 
 
 @chain_backward.register_fake

@@ -92,3 +92,52 @@ def test_merge_stats():
 
 def test_sync_batch_norm_reference():
     spawn(_sync_bn_worker)
+
+
+def _model(sync_module: bool):
+    """The same initial model every call: SyncBatchNorm or BatchNorm1d, with momentum=None too."""
+    norm = nn.SyncBatchNorm if sync_module else nn.BatchNorm1d
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(6, 16), norm(16), nn.ReLU(), nn.Linear(16, 12), norm(12, momentum=None),
+                         nn.GELU(), nn.Linear(12, 3))
+
+
+def _ddp_worker(rank, backend, how):
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    import dwfast
+    dwfast.set_backend(backend)
+    x, rows = _batch(rows=(16, 16))  # equal shares: DDP's mean of gradients = the full batch's
+    x = (x - 100) / 3
+    target = torch.randn(x.shape[0], 3, generator=torch.Generator().manual_seed(4))
+    mine = slice(sum(rows[:rank]), sum(rows[:rank + 1]))
+    ref = _model(sync_module=False)
+    if how == "ddp":  # DDP refuses SyncBatchNorm in CPU modules: ask dwfast to synchronise
+        fused = dwfast.sync_batchnorm(dwfast.fuse(_model(sync_module=False)))
+        run = DistributedDataParallel(fused)
+    else:  # nn.SyncBatchNorm children; average the gradients as DDP would
+        fused = run = dwfast.fuse(_model(sync_module=True))
+    opt, opt_ref = torch.optim.SGD(fused.parameters(), lr=0.05), torch.optim.SGD(ref.parameters(), lr=0.05)
+    for _ in range(2):
+        for model, o, xs, ts in ((run, opt, x[mine], target[mine]), (ref, opt_ref, x, target)):
+            o.zero_grad()
+            F.mse_loss(model(xs), ts).backward()
+            if model is fused and how != "ddp":
+                for p in fused.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= WORLD
+            o.step()
+    for (name, got), want in zip(fused.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    fused.eval(), ref.eval()
+    torch.testing.assert_close(fused(x[mine]), ref(x[mine]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["ddp", "SyncBatchNorm"])
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_synchronised_training_matches_single_process(backend, how):
+    """A fused model with synchronised BatchNorms (dwfast.sync_batchnorm under DDP, or
+    nn.SyncBatchNorm children), trained on 2 ranks, equals one process training the
+    BatchNorm1d model on the concatenated batch."""
+    spawn(_ddp_worker, backend, how)

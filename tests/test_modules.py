@@ -248,7 +248,7 @@ class MyBN(nn.BatchNorm1d):
     ([MyLinear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4), MyBN(4), nn.ReLU()],
      ["MyLinear", "BatchNorm1d", "ReLU", ["L"], "MyBN", "ReLU"]),
     ([nn.Linear(4, 4), nn.SyncBatchNorm(4), nn.LazyLinear(4), nn.ReLU()],
-     [["L"], "SyncBatchNorm", "LazyLinear", "ReLU"]),
+     [["LB"], "LazyLinear", "ReLU"]),
     ([nn.Linear(4, 4), nn.BatchNorm1d(4), nn.LeakyReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()],
      [["LBR", "LBR"]]),
     ([], []),
