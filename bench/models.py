@@ -41,15 +41,15 @@ def precision(impl: str, mode: str, dtype: torch.dtype) -> Tuple[torch.dtype, Op
     Returns ``(parameter dtype, autocast dtype or None, label)``.
 
     - fp32: parameters, inputs and math in fp32, no autocast.
-    - train in bf16/fp16: eager and torch.compile keep fp32 master weights and run under
-      ``torch.autocast`` (what a user would run); dwfast runs its parameters in the low dtype
-      directly, because its autocast support comes later. The label says which was used.
+    - train in bf16/fp16: every implementation keeps fp32 master weights and runs under
+      ``torch.autocast`` (what a user would run; dwfast casts its GEMMs as eager's autocast
+      does and keeps BatchNorm in fp32).
     - infer in bf16/fp16: every implementation runs the model cast to the low dtype.
     """
     name = next(k for k, v in DTYPES.items() if v == dtype)
     if dtype == torch.float32:
         return torch.float32, None, "fp32"
-    if mode == "train" and impl != "dwfast":
+    if mode == "train":
         return torch.float32, dtype, f"autocast {name}, fp32 params"
     return dtype, None, f"{name} params"
 
