@@ -123,9 +123,8 @@ def sync_batch_norm(x: Tensor, bn: nn.SyncBatchNorm) -> Tensor:
     var = (s2 / total - mean_c.square()).clamp_min(0)
     mean = shift + mean_c
     if bn.track_running_stats and bn.running_mean is not None:
+        factor = _momentum(bn)  # bumps num_batches_tracked
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
             bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
             unbiased = var.detach() * total / (total - 1)
             bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)

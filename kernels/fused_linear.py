@@ -510,12 +510,17 @@ class BNGrad(NamedTuple):
 
 
 NO_ACT = Act(None, None, None, None, None, False, 0)
+NO_BN_GRAD = BNGrad(None, None, None, None)
+
+
+def _drop_scale(p: float) -> float:
+    """1 / (1 - p), the factor kept elements are scaled by (0 when everything is dropped)."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
 def _site(act: Act) -> tuple:
     """The runtime arguments of an activation site, in kernel order."""
-    drop_scale = 1.0 / (1.0 - act.drop_p) if act.drop_p < 1.0 else 0.0
-    return act.center, act.scale, act.shift, act.seed, float(act.drop_p), drop_scale, float(act.slope)
+    return act.center, act.scale, act.shift, act.seed, float(act.drop_p), _drop_scale(act.drop_p), float(act.slope)
 
 
 def _site_flags(act: Act, prefix: str) -> dict:
@@ -591,7 +596,7 @@ def linear_dx(g_y, z, weight, bn: Optional[BNGrad], act_in: Act = NO_ACT):
     row_tiles = triton.cdiv(M, block_m)
     parts = _partials(row_tiles, N, g_y.device, 2) if act_in.bn else (None, None)
     z_in = act_in.z if act_in.z is not None else g_in  # unused without act_in
-    bn = bn if bn is not None else BNGrad(None, None, None, None)
+    bn = bn if bn is not None else NO_BN_GRAD
     _linear_dx_kernel[(row_tiles, triton.cdiv(N, block_n))](
         g_y, z, weight, g_in,
         bn.center, bn.scale, bn.u, bn.v,
@@ -631,7 +636,7 @@ def linear_dw(g_y, z, x, bn: Optional[BNGrad], act_in: Act = NO_ACT, has_bias: b
     dw_dtype = g_y.dtype if splits == 1 else torch.float32
     dw = torch.empty((splits, M, N), device=g_y.device, dtype=dw_dtype)
     db = torch.empty((splits, M), device=g_y.device, dtype=torch.float32) if has_bias else None
-    bn = bn if bn is not None else BNGrad(None, None, None, None)
+    bn = bn if bn is not None else NO_BN_GRAD
     _linear_dw_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)](
         g_y, z, x, dw, db,
         bn.center, bn.scale, bn.u, bn.v,
@@ -701,7 +706,6 @@ def dropout_scale(seed, M: int, N: int, p: float):
     multiplies an [M, N] activation by: for tests and for inspecting a fused forward."""
     out = torch.empty((M, N), device=seed.device, dtype=torch.float32)
     block_m, block_n = _elementwise_tiles(M, N)
-    act = NO_ACT._replace(drop_p=p, seed=seed)
     _dropout_scale_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        seed, out, M, N, *_site(act)[4:6], BLOCK_M=block_m, BLOCK_N=block_n)
+        seed, out, M, N, float(p), _drop_scale(p), BLOCK_M=block_m, BLOCK_N=block_n)
     return out
