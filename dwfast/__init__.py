@@ -2,7 +2,8 @@
 from .backend import get_backend, get_whole_net, set_backend, set_whole_net
 from .builders import count_params, mlp_by_budget
 from .distributed import sync_batchnorm
-from .functional import Block, fused_chain
+from .chain import Block
+from .functional import fused_chain
 from .fuse import fuse, unfuse
 from .modules import MLP, FusedSequential
 

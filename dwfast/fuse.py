@@ -9,7 +9,8 @@ from typing import Dict
 
 from torch import nn
 
-from .modules import MLP, FusedSequential, plan
+from .chain import plan
+from .modules import MLP, FusedSequential
 
 # Original nn.Sequential subclass -> the fused class made for it, and back.
 _FUSED: Dict[type, type] = {nn.Sequential: FusedSequential}

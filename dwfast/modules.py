@@ -11,54 +11,9 @@ from typing import List, Sequence, Union
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 
-from .functional import ACTIVATION_TYPES, Block, fused_chain
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    """Whether calling ``m`` would run forward/backward hooks, which a fused run would skip."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
-
-
-def _is(m, cls) -> bool:
-    # Exact type: subclasses (SyncBatchNorm, LazyLinear, parametrized or user subclasses) may
-    # change forward, so they run as ordinary modules. Hooked modules do too, so hooks still fire.
-    return type(m) is cls and not _has_hooks(m)
-
-
-def plan(children: Sequence[nn.Module]) -> List[Union[nn.Module, List[Block]]]:
-    """Group ``children`` into steps: a list of :class:`Block` (one fused run) or a lone module.
-
-    A block is an exact ``nn.Linear``, optionally followed by an exact ``nn.BatchNorm1d`` or
-    ``nn.SyncBatchNorm`` (its statistics reduced over its process group),
-    optionally followed by an activation (exact ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.GELU``,
-    ``nn.SiLU`` or ``nn.Tanh``; in-place or not: the fused output is a new tensor either way),
-    optionally followed by an exact ``nn.Dropout``. Consecutive blocks form one run. Every
-    other module is its own step, in order.
-    """
-    steps: List[Union[nn.Module, List[Block]]] = []
-    i, n = 0, len(children)
-    while i < n:
-        if not _is(children[i], nn.Linear):
-            steps.append(children[i])
-            i += 1
-            continue
-        linear, bn, act, dropout = children[i], None, None, None
-        i += 1
-        if i < n and (_is(children[i], nn.BatchNorm1d) or _is(children[i], nn.SyncBatchNorm)):
-            bn, i = children[i], i + 1
-        if i < n and any(_is(children[i], t) for t in ACTIVATION_TYPES):
-            act, i = children[i], i + 1
-        if i < n and _is(children[i], nn.Dropout):
-            dropout, i = children[i], i + 1
-        if steps and isinstance(steps[-1], list):
-            steps[-1].append(Block(linear, bn, act, dropout))
-        else:
-            steps.append([Block(linear, bn, act, dropout)])
-    return steps
+from .chain import plan
+from .functional import fused_chain
 
 
 class FusedSequential(nn.Sequential):

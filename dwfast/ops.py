@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import distributed as D
 from . import kernels as K
-from .functional import Block, _uses_batch_stats, act_spec, autocast_dtype
+from .chain import Block, act_spec, autocast_dtype, uses_batch_stats
 
 NO_BN, BATCH, FIXED = 0, 1, 2
 _PER_BLOCK = 6  # chain_forward outputs per block: z, mean, var, rstd, scale, shift
@@ -279,7 +279,7 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     betas = [cast(bn.bias) if bn is not None else None for bn in bns]
     run_means = [cast(bn.running_mean) if bn is not None else None for bn in bns]
     run_vars = [cast(bn.running_var) if bn is not None else None for bn in bns]
-    modes = [NO_BN if bn is None else BATCH if _uses_batch_stats(bn) else FIXED for bn in bns]
+    modes = [NO_BN if bn is None else BATCH if uses_batch_stats(bn) else FIXED for bn in bns]
     acts, slopes = zip(*(act_spec(b.act) for b in blocks))
     acts, slopes = [K.ACTIVATIONS[a] for a in acts], list(slopes)
     drop_ps = [float(b.dropout.p) if b.dropout is not None and b.dropout.training else 0.0 for b in blocks]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import Block, _uses_batch_stats
+from .chain import Block, uses_batch_stats
 from .kernels.fused_mlp import mlp_bwd, mlp_fwd
 
 MIN_WIDTH, MAX_WIDTH = 16, 128
@@ -52,7 +52,7 @@ def qualifies(x: Tensor, blocks: List[Block]) -> Optional[str]:
     if any(b.dropout is not None and b.dropout.training and b.dropout.p > 0 for b in blocks):
         return None
     bns = [b.bn for b in blocks if b.bn is not None]
-    if any(_uses_batch_stats(bn) for bn in bns):
+    if any(uses_batch_stats(bn) for bn in bns):
         return None
     params = [p for b in blocks for m in (b.linear, b.bn) if m is not None for p in m.parameters()]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from dwfast.functional import Block, eager_chain, fused_chain
+from dwfast.chain import Block, eager_chain
+from dwfast.functional import fused_chain
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LOW = [torch.float16, torch.bfloat16]

@@ -8,8 +8,9 @@ from torch import nn
 
 import dwfast
 from dwfast import MLP, FusedSequential
+from dwfast import chain as dw_chain
 from dwfast import modules as dw_modules
-from dwfast.functional import Block
+from dwfast.chain import Block
 
 # float64 runs the eager path on every backend (the kernels take fp32/fp16/bf16): tight tolerance.
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -254,7 +255,7 @@ class MyBN(nn.BatchNorm1d):
     ([], []),
 ])
 def test_plan(children, expected):
-    steps = dw_modules.plan(children)
+    steps = dw_chain.plan(children)
     assert kinds(steps) == expected
     flat = [m for s in steps for m in ([x for b in s for x in (b.linear, b.bn) if x is not None]
                                        if isinstance(s, list) else [s])]
@@ -386,5 +387,5 @@ def test_mlp_pickles():
 def test_block_fields():
     # fused_chain is called with Block tuples naming the very modules of the model.
     model = MLP(5, [4], 2)
-    (run,) = dw_modules.plan(list(model))
+    (run,) = dw_chain.plan(list(model))
     assert run == [Block(model[0], model[1], model[2]), Block(model[3], None, None)]

@@ -1,0 +1,109 @@
+"""A stand-in GPU for Triton: compile every launch for a real target, run nothing.
+
+Without a GPU, Triton's interpreter runs kernels but compiles nothing, so it shows neither
+what a kernel becomes on an H100 (registers, spills, MMA kind, load widths) nor what a
+launch costs the host. Under :func:`standin_gpu`, Triton's active driver reports a CUDA
+target (sm_90 by default, 132 SMs) and its launcher records each launch instead of running
+it. Every launch then goes through the real path: the launchers pick their tiles, Triton
+specialises the arguments (dtypes, 16-byte alignment of pointers and integers) and compiles
+with its bundled ptxas, and the host-side work of launching can be timed. Tensors stay on
+the CPU; kernels write nothing, so outputs are garbage: use it for compiled form, launch
+counts and host time, never for values.
+
+The process must not run Triton's interpreter (``TRITON_INTERPRET`` unset before the kernels
+are imported); tests run this in a subprocess.
+"""
+import contextlib
+from typing import List, NamedTuple, Tuple
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+
+# What launchers and Triton ask of a device, with an H100 SXM's values.
+H100 = {"multiprocessor_count": 132, "max_shared_mem": 232448, "max_num_regs": 65536, "warpSize": 32,
+        "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+
+class Launch(NamedTuple):
+    """One recorded launch: the compiled kernel's name, its grid and its metadata."""
+    name: str
+    grid: Tuple[int, int, int]
+    metadata: object
+
+
+class _Utils:
+    def __init__(self, props):
+        self.props = props
+
+    def get_device_properties(self, device):
+        return dict(self.props)
+
+    def load_binary(self, name, kernel, shared, device):
+        # (module, function, n_regs, n_spills, n_max_threads): nothing is loaded
+        return None, 0, 0, 0, 1024
+
+
+class StandInDriver(DriverBase):
+    """A Triton driver for a CUDA device that isn't there (see the module docstring)."""
+
+    def __init__(self, arch: int = 90, props=None):
+        super().__init__()
+        self.arch = arch
+        self.utils = _Utils(props or H100)
+        self.launches: List[Launch] = []
+        driver = self
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                self.name, self.metadata = src.fn.__name__ if hasattr(src, "fn") else str(src), metadata
+
+            def __call__(self, grid_x, grid_y, grid_z, *_):
+                driver.launches.append(Launch(self.name, (grid_x, grid_y, grid_z), self.metadata))
+
+        self.launcher_cls = Launcher
+
+    @classmethod
+    def is_active(cls):
+        return False
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        return ty
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_device_capability(self, device=None):
+        return divmod(self.arch, 10)
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_benchmarker(self):
+        raise RuntimeError("the stand-in GPU runs nothing, so it times nothing")
+
+
+@contextlib.contextmanager
+def standin_gpu(arch: int = 90, props=None):
+    """Within the block Triton compiles for sm_`arch` and records launches instead of running
+    them; yields the driver, whose ``launches`` lists them. Restores the real driver after."""
+    driver = StandInDriver(arch, props)
+    previous = triton.runtime.driver._active
+    triton.runtime.driver.set_active(driver)
+    try:
+        yield driver
+    finally:
+        triton.runtime.driver._active = previous

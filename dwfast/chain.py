@@ -1,0 +1,136 @@
+"""A fused chain's description, at the bottom of dwfast's layers.
+
+A *chain* is a list of :class:`Block`s, each ``Linear [-> BatchNorm1d] [-> activation] [-> Dropout]``,
+run back to back on a 2-D input. :func:`plan` groups a Sequential's children into chains;
+:func:`eager_chain` is the reference every fused path is checked against. The custom ops
+(``dwfast.ops``, ``dwfast.whole_net``) sit above this module, the dispatch
+(``dwfast.functional``) and the modules above them.
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module
+
+from . import distributed
+
+# The activation modules a block can end on, exact types (a subclass may change forward).
+ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh)
+
+
+class Block(NamedTuple):
+    """One fusable block: ``linear``, then optionally ``bn``, the activation module ``act``
+    (one of ACTIVATION_TYPES) and ``dropout`` (an ``nn.Dropout``), in that order."""
+    linear: nn.Linear
+    bn: Optional[nn.BatchNorm1d] = None
+    act: Optional[nn.Module] = None
+    dropout: Optional[nn.Dropout] = None
+
+
+def act_spec(act: Optional[nn.Module]) -> Tuple[str, float]:
+    """(name in kernels.ACTIVATIONS, LeakyReLU's negative slope or 0) for an activation module."""
+    kind = type(act)
+    if act is None:
+        return "none", 0.0
+    if kind is nn.LeakyReLU:
+        return "leaky_relu", float(act.negative_slope)
+    if kind is nn.GELU:
+        return ("gelu" if act.approximate == "none" else "gelu_tanh"), 0.0
+    names = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
+    if kind not in names:
+        raise TypeError(f"dwfast fuses {[t.__name__ for t in ACTIVATION_TYPES]}, not {kind.__name__}")
+    return names[kind], 0.0
+
+
+def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
+    """The reference: the same blocks run by eager PyTorch, module by module."""
+    for blk in blocks:
+        x = blk.linear(x)
+        if blk.bn is not None:
+            x = _batch_norm(blk.bn, x)
+        if blk.act is not None:
+            x = blk.act(x)
+        if blk.dropout is not None:
+            x = blk.dropout(x)
+    return x
+
+
+def _batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)``, except under torch.compile for a cumulative average (``momentum=None``) in
+    training: eager's ``1.0 / float(num_batches_tracked)`` is data dependent and breaks
+    ``fullgraph=True`` (pytorch#194504), so the factor stays a tensor here. Eager runs keep
+    ``bn(x)`` itself, bit for bit. A SyncBatchNorm goes through dwfast.distributed, which
+    also runs it on the CPU (eager SyncBatchNorm refuses CPU tensors)."""
+    if distributed.needs_sync(bn) or isinstance(bn, nn.SyncBatchNorm):
+        return distributed.batch_norm(x, bn)
+    if not (torch.compiler.is_compiling() and bn.momentum is None and bn.training and bn.track_running_stats
+            and bn.num_batches_tracked is not None and type(bn) is nn.BatchNorm1d):
+        return bn(x)
+    bn._check_input_dim(x)
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / bn.num_batches_tracked
+    # momentum 1 on zeroed buffers: F.batch_norm leaves the batch's mean and unbiased variance in them
+    mean, var = torch.zeros_like(bn.running_mean), torch.zeros_like(bn.running_var)
+    out = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - factor).add_(mean * factor)
+        bn.running_var.mul_(1 - factor).add_(var * factor)
+    return out
+
+
+def uses_batch_stats(bn: nn.BatchNorm1d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs Linears on ``x``'s device in, or None outside autocast."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run forward/backward hooks, which a fused run would skip."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def _is(m, cls) -> bool:
+    # Exact type: subclasses (SyncBatchNorm, LazyLinear, parametrized or user subclasses) may
+    # change forward, so they run as ordinary modules. Hooked modules do too, so hooks still fire.
+    return type(m) is cls and not _has_hooks(m)
+
+
+def plan(children: Sequence[nn.Module]) -> List[Union[nn.Module, List[Block]]]:
+    """Group ``children`` into steps: a list of :class:`Block` (one fused run) or a lone module.
+
+    A block is an exact ``nn.Linear``, optionally followed by an exact ``nn.BatchNorm1d`` or
+    ``nn.SyncBatchNorm`` (its statistics reduced over its process group),
+    optionally followed by an activation (exact ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.GELU``,
+    ``nn.SiLU`` or ``nn.Tanh``; in-place or not: the fused output is a new tensor either way),
+    optionally followed by an exact ``nn.Dropout``. Consecutive blocks form one run. Every
+    other module is its own step, in order.
+    """
+    steps: List[Union[nn.Module, List[Block]]] = []
+    i, n = 0, len(children)
+    while i < n:
+        if not _is(children[i], nn.Linear):
+            steps.append(children[i])
+            i += 1
+            continue
+        linear, bn, act, dropout = children[i], None, None, None
+        i += 1
+        if i < n and (_is(children[i], nn.BatchNorm1d) or _is(children[i], nn.SyncBatchNorm)):
+            bn, i = children[i], i + 1
+        if i < n and any(_is(children[i], t) for t in ACTIVATION_TYPES):
+            act, i = children[i], i + 1
+        if i < n and _is(children[i], nn.Dropout):
+            dropout, i = children[i], i + 1
+        if steps and isinstance(steps[-1], list):
+            steps[-1].append(Block(linear, bn, act, dropout))
+        else:
+            steps.append([Block(linear, bn, act, dropout)])
+    return steps
+
+
