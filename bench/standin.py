@@ -21,6 +21,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 
+from dwfast import backend
+
 # What launchers and Triton ask of a device, with an H100 SXM's values.
 H100 = {"multiprocessor_count": 132, "max_shared_mem": 232448, "max_num_regs": 65536, "warpSize": 32,
         "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
@@ -99,11 +101,14 @@ class StandInDriver(DriverBase):
 @contextlib.contextmanager
 def standin_gpu(arch: int = 90, props=None):
     """Within the block Triton compiles for sm_`arch` and records launches instead of running
-    them; yields the driver, whose ``launches`` lists them. Restores the real driver after."""
+    them; yields the driver, whose ``launches`` lists them. dwfast's ``auto`` and ``triton``
+backends send CPU tensors down the kernel path meanwhile. Restores the real driver after."""
     driver = StandInDriver(arch, props)
     previous = triton.runtime.driver._active
     triton.runtime.driver.set_active(driver)
+    backend.STANDIN = True
     try:
         yield driver
     finally:
+        backend.STANDIN = False
         triton.runtime.driver._active = previous

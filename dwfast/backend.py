@@ -31,10 +31,15 @@ def get_backend() -> str:
     return _backend if _backend is not None else _check(os.environ.get("DWFAST_BACKEND", "auto"))
 
 
+# True while a stand-in GPU is active (bench/standin.py): CPU tensors then take the triton
+# path, which compiles every kernel for the stand-in's target and records its launch.
+STANDIN = False
+
+
 def resolve_backend(device) -> str:
     """The concrete backend (``triton``, ``interpret`` or ``torch``) for tensors on ``device``."""
     name = get_backend()
-    is_cuda = device.type == "cuda"
+    is_cuda = device.type == "cuda" or STANDIN
     if name == "auto":
         return "triton" if is_cuda else "torch"
     if name == "triton" and not is_cuda:

@@ -532,6 +532,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def num_sms() -> int:
+    """The current device's SM count, asked of Triton's active driver (a stand-in driver
+    answers for a GPU that isn't there: bench/standin.py)."""
+    driver = triton.runtime.driver.active
+    return driver.utils.get_device_properties(driver.get_current_device())["multiprocessor_count"]
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 honours torch's matmul precision: "highest" means exact fp32 products.
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -617,7 +624,7 @@ def _batch_splits(B: int, tiles: int, block_k: int) -> int:
     fill the device, each chunk still a long run of BLOCK_K steps."""
     if _interpreting():
         return triton.cdiv(B, 4 * block_k)  # several chunks at test sizes, to test the split
-    target = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    target = 2 * num_sms()
     return max(1, min(triton.cdiv(target, tiles), triton.cdiv(B, 8 * block_k)))
 
 

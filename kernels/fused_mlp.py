@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_linear import _interpreting, _precision
+from .fused_linear import _interpreting, _precision, num_sms
 
 
 @triton.jit
@@ -297,7 +297,7 @@ def _programs(row_tiles: int) -> int:
     the device runs at once (more would add slots, not speed)."""
     if _interpreting():
         return min(row_tiles, 4)  # fewer than the tiles at test sizes, to test the accumulation
-    return min(row_tiles, torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+    return min(row_tiles, num_sms())
 
 
 def mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, *, hid_relu=True, out_relu=False, input_grad=True):
