@@ -1,7 +1,8 @@
 """Triton kernels and their launchers (installed as ``dwfast.kernels``)."""
-from .batchnorm import bn_grad, bn_stats, update_running_stats
-from .fused_linear import (ACTIVATIONS, NO_ACT, Act, BNGrad, act_bwd, act_fwd, dropout_scale, linear_dw, linear_dx,
-                           linear_fwd)
+from .batchnorm import VEC_ROWS, VEC_RSTD, VEC_SCALE
+from .fused_linear import (ACTIVATIONS, BATCH, FIXED, NO_BN, NO_NORM, NO_SITE, PARTIALS, Norm, Site, act_bwd, act_fwd,
+                           dropout_scale, linear_bwd, linear_fwd, new_uv, new_vec)
 
-__all__ = ["ACTIVATIONS", "Act", "BNGrad", "NO_ACT", "act_bwd", "act_fwd", "bn_grad", "bn_stats", "dropout_scale",
-           "linear_dw", "linear_dx", "linear_fwd", "update_running_stats"]
+__all__ = ["ACTIVATIONS", "BATCH", "FIXED", "NO_BN", "NO_NORM", "NO_SITE", "Norm", "PARTIALS", "Site", "VEC_ROWS",
+           "VEC_RSTD", "VEC_SCALE", "act_bwd", "act_fwd", "dropout_scale", "linear_bwd", "linear_fwd", "new_uv",
+           "new_vec"]

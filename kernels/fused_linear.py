@@ -1,5 +1,5 @@
 """Fused Linear -> BatchNorm1d -> activation [-> Dropout]: one GEMM core, specialised by
-constexpr flags.
+constexpr flags, two launches per block per training step.
 
 A chain of blocks l = 1..L, input a_0 = x (B x K_1):
 
@@ -7,20 +7,20 @@ A chain of blocks l = 1..L, input a_0 = x (B x K_1):
     y_l = (z_l - center_l) * scale_l + shift_l     BatchNorm (y_l = z_l without it)
     a_l = drop_l(act_l(y_l))                       never stored; rebuilt from z_l when needed
 
-`center, scale, shift` are per-feature fp32 vectors: with batch statistics center = mean,
-scale = gamma * rstd, shift = beta (kernels/batchnorm.py makes them); in eval the same from
-the running statistics. The centred form (z - mean) * scale + beta instead of
+`center, scale, shift` are per-feature fp32 rows of the block's vector buffer (kernels/
+batchnorm.py): with batch statistics center = mean, scale = gamma * rstd, shift = beta; in eval
+the same from the running statistics. The centred form (z - mean) * scale + beta instead of
 z * scale + (beta - mean * scale) keeps the precision when |mean| >> std. `act` is ReLU,
 LeakyReLU, GELU (exact or tanh), SiLU, Tanh or none. `drop` is inverted dropout whose keep
 mask comes from Philox keyed on (seed, row, feature): the same element draws the same number
 in every kernel that rebuilds a_l, so the mask is never stored.
 
-Forward, one kernel per block (`_linear_fwd_kernel`):
+Forward, one launch per block (`_linear_fwd_kernel`):
     prologue  A tile = a_{l-1} rebuilt from z_{l-1} in registers (block 1 reads x as is)
-    epilogue  + b_l; store z_l; per row tile write the column mean and M2 of z_l (fp32,
-              relative to the tile's first row) to [row_tiles, N] partial buffers, merged
-              by Chan's formula in kernels/batchnorm.py.
-              In eval the block's BatchNorm and activation are folded here instead, a_l stored.
+    epilogue  + b_l; store z_l; per row tile the column mean and M2 of z_l; the last program of
+              each column tile merges them into the block's vectors and updates the running
+              statistics (batchnorm.py). In eval the row-tile-0 programs write the vectors
+              from the running statistics. The next block's prologue reads them.
 
 Backward, with g_l = dL/da_l:
     g_y    = drop_l(g_l) * act_l'(y_l)           (ReLU: g_l where y_l > 0, as torch does)
@@ -29,18 +29,22 @@ Backward, with g_l = dL/da_l:
     g_z    = scale * g_y + u * (z - mean) + v,  u = -scale * rstd * dgamma / B,  v = -scale * dbeta / B
              (u = v = 0 with running statistics; g_z = g_y without BatchNorm)
     dW_l   = g_z^T @ a_{l-1},   db_l = sum_rows g_z,   g_{l-1} = g_z @ W_l
-`_linear_dx_kernel` builds g_z in its prologue and applies block l-1's activation backward in
-its epilogue, storing g_y of block l-1 with its column partials (sum g_y, sum g_y * xhat).
-`_linear_dw_kernel` builds g_z^T and a_{l-1} in its two prologues; the batch is its
-reduction axis, split into chunks whose fp32 partials are summed in a fixed order, and it
-also sums g_z over rows for db. Nothing is reduced with atomics: two identical backward
-passes are bitwise identical.
+One launch per block (`_linear_bwd_kernel`) runs two independent grids side by side:
+    dX programs  g_z @ W_l with g_z built on load from g_y_l and z_l; the epilogue applies block
+                 l-1's activation backward, stores g_y_{l-1} and its column partials, and the last
+                 program of each column tile finalises block l-1's dgamma, dbeta, u and v.
+    dW programs  g_z^T @ a_{l-1} with both operands built on load; the batch is the reduction
+                 axis, split into chunks whose fp32 partials the last program of each tile sums
+                 in chunk order (db from the row sums of g_z). One chunk writes dW directly.
+A chain that ends on BatchNorm/activation (no next GEMM to ride on) adds one elementwise kernel
+each way (`_act_fwd_kernel`, `_act_bwd_kernel`).
 
-`_act_fwd_kernel` / `_act_bwd_kernel` handle a chain that ends on BatchNorm/activation
-(no next GEMM to ride on): one elementwise pass each way.
+"Last program" is decided by a ticket counter (batchnorm._ticket) in a persistent, self-
+resetting int32 buffer, and the merges run in a fixed order: no atomics touch data, so two
+identical backward passes are bitwise identical, and no PyTorch op runs between the kernels.
 
 Every site that applies a block's activation takes the same argument group:
-    center_ptr, scale_ptr, shift_ptr   BatchNorm vectors (with HAS_BN)
+    vec_ptr                            BatchNorm vectors (with BN)
     seed_ptr, drop_p, drop_scale       dropout: int64 seed on the device, p, 1 / (1 - p)
     slope                              LeakyReLU's negative slope
 """
@@ -50,6 +54,10 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+
+from . import launch
+from .batchnorm import (VEC_CENTER, VEC_ROWS, VEC_RSTD, VEC_SCALE, VEC_SHIFT, _finalize_grad, _finalize_stats,
+                        _fixed_vectors, _grad_partials, _stats_partials, _ticket)
 
 # Activation codes (the host side uses ACTIVATIONS).
 ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "tanh": 6}
@@ -134,16 +142,42 @@ def _dropout(a, rows, cols, seed_ptr, drop_p, drop_scale, DROPOUT: tl.constexpr)
 
 
 @triton.jit
-def _act_vectors(center_ptr, scale_ptr, shift_ptr, offs, mask, HAS_BN: tl.constexpr):
-    """center, scale, shift at feature indices `offs`, as [1, BLOCK] rows (unused without BN)."""
+def _vec_row(vec_ptr, row, N, offs, mask, other, AXIS: tl.constexpr):
+    """Row `row` of a BatchNorm block's `vec` at features `offs`, shaped to broadcast along
+    the tile's axis AXIS (1: features run along the columns, 0: along the rows)."""
+    v = tl.load(vec_ptr + row * N + offs, mask=mask, other=other)
+    if AXIS == 1:
+        v = v[None, :]
+    else:
+        v = v[:, None]
+    return v
+
+
+@triton.jit
+def _site_vectors(vec_ptr, N, offs, mask, HAS_BN: tl.constexpr, AXIS: tl.constexpr):
+    """center, scale, shift of a BatchNorm block's `vec` at features `offs` (unused without BN)."""
     center = 0.0
     scale = 1.0
     shift = 0.0
     if HAS_BN:
-        center = tl.load(center_ptr + offs, mask=mask, other=0.0)[None, :]
-        scale = tl.load(scale_ptr + offs, mask=mask, other=1.0)[None, :]
-        shift = tl.load(shift_ptr + offs, mask=mask, other=0.0)[None, :]
+        center = _vec_row(vec_ptr, VEC_CENTER, N, offs, mask, 0.0, AXIS)
+        scale = _vec_row(vec_ptr, VEC_SCALE, N, offs, mask, 1.0, AXIS)
+        shift = _vec_row(vec_ptr, VEC_SHIFT, N, offs, mask, 0.0, AXIS)
     return center, scale, shift
+
+
+@triton.jit
+def _grad_vectors(vec_ptr, uv_ptr, N, offs, mask, BATCH_STATS: tl.constexpr, AXIS: tl.constexpr):
+    """center, scale of a BatchNorm block's `vec` and u, v of its `uv` at features `offs`
+    (u = v = 0 without batch statistics)."""
+    center = _vec_row(vec_ptr, VEC_CENTER, N, offs, mask, 0.0, AXIS)
+    scale = _vec_row(vec_ptr, VEC_SCALE, N, offs, mask, 0.0, AXIS)
+    u = 0.0
+    v = 0.0
+    if BATCH_STATS:
+        u = _vec_row(uv_ptr, 0, N, offs, mask, 0.0, AXIS)
+        v = _vec_row(uv_ptr, 1, N, offs, mask, 0.0, AXIS)
+    return center, scale, u, v
 
 
 @triton.jit
@@ -171,25 +205,21 @@ def _bn_grad(g_y, z, center, scale, u, v, BATCH_STATS: tl.constexpr):
     return g_z
 
 
-@triton.jit
-def _tile(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's row-tile index and the row and column indices of its output tile."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return pid_m, offs_m, offs_n
+
+# A BatchNorm block's statistics, as the epilogue of the GEMM producing its z handles them.
+BN_NONE = tl.constexpr(0)      # no BatchNorm
+BN_BATCH = tl.constexpr(1)     # batch statistics, finalised in the kernel (and running stats updated)
+BN_FIXED = tl.constexpr(2)     # running statistics (eval): vectors written by row-tile-0 programs
+BN_PARTIALS = tl.constexpr(3)  # batch statistics left as partials: merged across ranks on the host
 
 
 @triton.jit
 def _gemm_core(
-    # A operand [M, K] and, for the A_GRAD modes, the z of the same shape and strides
-    a_ptr, za_ptr, stride_am, stride_ak,
-    # B operand [K, N]
-    b_ptr, stride_bk, stride_bn,
-    # A's transform: activation site (A_ACT_K) or BN backward center/scale/u/v (A_GRAD_*)
-    a_center_ptr, a_scale_ptr, a_shift_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope, a_u_ptr, a_v_ptr,
-    # B's transform: activation site of the features along N
-    b_center_ptr, b_scale_ptr, b_shift_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
+    # A [M, K] (and, in the A_GRAD modes, the z of the same shape and strides) and its transform:
+    # an activation site (A_ACT_K) or a BatchNorm backward (A_GRAD_*: u, v from a_uv)
+    a_ptr, za_ptr, stride_am, stride_ak, a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
+    # B [K, N] and its activation site (features along N)
+    b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
     # tile coordinates and sizes
     offs_m, offs_n, M, N, k_start, k_end,
     # meta-parameters
@@ -201,9 +231,10 @@ def _gemm_core(
 ):
     """acc = T_A(A)[offs_m, k_start:k_end] @ T_B(B)[k_start:k_end, offs_n] in fp32.
 
-    B_MODE is A_PLAIN or A_ACT_K (B's activation, features along N). Also returns the row sums
-    of T_A(A) over the same k range when ROW_SUM (db in dW). Masked-out elements are zeroed
-    after the transform: act(0) is act(shift), not 0.
+    In the A_*_K modes the features run along K and number k_end (k_start = 0); in A_GRAD_M
+    they run along M. B_MODE is A_PLAIN or A_ACT_K (B's activation, N features). Also returns
+    the row sums of T_A(A) over the k range when ROW_SUM (db in dW). Masked-out elements are
+    zeroed after the transform: act(0) is act(shift), not 0.
     """
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -211,15 +242,9 @@ def _gemm_core(
     cols = offs_n.to(tl.int64)
     # Vectors indexed by rows or columns of the tile are loaded once, outside the k loop.
     if A_MODE == A_GRAD_M:
-        am_center = tl.load(a_center_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        am_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        am_u = 0.0
-        am_v = 0.0
-        if BATCH_STATS:
-            am_u = tl.load(a_u_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-            am_v = tl.load(a_v_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        m_center, m_scale, m_u, m_v = _grad_vectors(a_vec_ptr, a_uv_ptr, M, offs_m, mask_m, BATCH_STATS, 0)
     if B_MODE == A_ACT_K:
-        bn_center, bn_scale, bn_shift = _act_vectors(b_center_ptr, b_scale_ptr, b_shift_ptr, offs_n, mask_n, B_BN)
+        n_center, n_scale, n_shift = _site_vectors(b_vec_ptr, N, offs_n, mask_n, B_BN, 1)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -232,22 +257,16 @@ def _gemm_core(
         if A_MODE != A_PLAIN:
             a32 = a.to(tl.float32)
             if A_MODE == A_ACT_K:
-                center, scale, shift = _act_vectors(a_center_ptr, a_scale_ptr, a_shift_ptr, offs_k, mask_k, A_BN)
+                center, scale, shift = _site_vectors(a_vec_ptr, k_end, offs_k, mask_k, A_BN, 1)
                 a32 = _activate(a32, offs_m, offs_k, center, scale, shift, a_seed_ptr, a_drop_p, a_drop_scale,
                                 a_slope, A_BN, A_ACT, A_DROPOUT)
             else:
                 z = tl.load(za_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
                 if A_MODE == A_GRAD_K:
-                    center = tl.load(a_center_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-                    scale = tl.load(a_scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-                    u = 0.0
-                    v = 0.0
-                    if BATCH_STATS:
-                        u = tl.load(a_u_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-                        v = tl.load(a_v_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                    center, scale, u, v = _grad_vectors(a_vec_ptr, a_uv_ptr, k_end, offs_k, mask_k, BATCH_STATS, 1)
                     a32 = _bn_grad(a32, z, center, scale, u, v, BATCH_STATS)
                 else:
-                    a32 = _bn_grad(a32, z, am_center, am_scale, am_u, am_v, BATCH_STATS)
+                    a32 = _bn_grad(a32, z, m_center, m_scale, m_u, m_v, BATCH_STATS)
             a32 = tl.where(a_mask, a32, 0.0)
             a = a32.to(a_ptr.dtype.element_ty)
         if ROW_SUM:
@@ -256,7 +275,7 @@ def _gemm_core(
         b_offs = offs_k.to(tl.int64)[:, None] * stride_bk + cols[None, :] * stride_bn
         b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
         if B_MODE == A_ACT_K:
-            b32 = _activate(b.to(tl.float32), offs_k, offs_n, bn_center, bn_scale, bn_shift, b_seed_ptr, b_drop_p,
+            b32 = _activate(b.to(tl.float32), offs_k, offs_n, n_center, n_scale, n_shift, b_seed_ptr, b_drop_p,
                             b_drop_scale, b_slope, B_BN, B_ACT, B_DROPOUT)
             b = tl.where(b_mask, b32, 0.0).to(b_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -265,60 +284,65 @@ def _gemm_core(
 
 @triton.jit
 def _grad_epilogue(
-    g, offs_m, offs_n, M, N, pid_m,
-    z_ptr, stride_zm, stride_zn, center_ptr, scale_ptr, shift_ptr, seed_ptr, drop_p, drop_scale, slope, rstd_ptr,
-    g_ptr, stride_gm, stride_gn, g_sum_part_ptr, g_xhat_part_ptr,
-    HAS_BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    g, offs_m, offs_n, M, N, pid_m, pid_n, row_tiles,
+    # the block whose g_y this is: z, activation site, BatchNorm gradients (dgamma, dbeta, uv)
+    z_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr, dbeta_ptr, uv_ptr,
+    # outputs: g_y [M, N] (contiguous), column partials, tickets
+    g_ptr, part_ptr, ticket_ptr,
+    BN_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    """g_y = act'(y) * drop(g) for g = dL/da; store g_y and, with BatchNorm, its column
-    partials sum(g_y) and sum(g_y * xhat) for this row tile (fp32, [row_tiles, N])."""
+    """g_y = act'(y) * drop(g) for g = dL/da: store it and, with BatchNorm, its column partials
+    sum(g_y) and sum(g_y * xhat); the last row tile of each column tile finalises dgamma,
+    dbeta, u and v (not for BN_PARTIALS: the host merges those across ranks)."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    cols = offs_n.to(tl.int64)[None, :]
+    g_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     g = _dropout(g, offs_m, offs_n, seed_ptr, drop_p, drop_scale, DROPOUT)
+    HAS_BN: tl.constexpr = BN_MODE != BN_NONE
     if HAS_BN or ACT != ACT_NONE:
-        z = tl.load(z_ptr + rows * stride_zm + cols * stride_zn, mask=mask, other=0.0).to(tl.float32)
-        center, scale, shift = _act_vectors(center_ptr, scale_ptr, shift_ptr, offs_n, mask_n, HAS_BN)
+        z = tl.load(z_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+        center, scale, shift = _site_vectors(vec_ptr, N, offs_n, mask_n, HAS_BN, 1)
         # the forward's expression, so y (and a ReLU mask) is the forward's exactly
         g = _act_backward(g, _bn(z, center, scale, shift, HAS_BN), slope, ACT)
     g_out = g.to(g_ptr.dtype.element_ty)
-    tl.store(g_ptr + rows * stride_gm + cols * stride_gn, g_out, mask=mask)
+    tl.store(g_ptr + g_offs, g_out, mask=mask)
     if HAS_BN:
         # statistics of the rounded values actually stored, as eager computes them
-        g_y = tl.where(mask, g_out.to(tl.float32), 0.0)
-        rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        xhat = (z - center) * rstd
-        tl.store(g_sum_part_ptr + pid_m * N + offs_n, tl.sum(g_y, axis=0), mask=mask_n)
-        tl.store(g_xhat_part_ptr + pid_m * N + offs_n, tl.sum(g_y * xhat, axis=0), mask=mask_n)
+        xhat = (z - center) * _vec_row(vec_ptr, VEC_RSTD, N, offs_n, mask_n, 0.0, 1)
+        _grad_partials(g_out.to(tl.float32), xhat, mask, offs_n, mask_n, pid_m, part_ptr, N, row_tiles)
+        if BN_MODE != BN_PARTIALS:
+            if _ticket(ticket_ptr + pid_n, row_tiles):
+                _finalize_grad(part_ptr, vec_ptr, uv_ptr, dgamma_ptr, dbeta_ptr, offs_n, mask_n, M, N, row_tiles,
+                               HAS_GAMMA, HAS_BETA, BN_MODE == BN_BATCH)
 
 
 @triton.jit
 def _linear_fwd_kernel(
-    # pointers
-    x_ptr, w_ptr, z_ptr, bias_ptr,
-    shift_part_ptr, mean_part_ptr, m2_part_ptr,    # [row_tiles, N] column partials of z
-    # the previous block's activation, applied to x on load
-    in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-    # this block's BatchNorm and activation folded in the epilogue (eval)
-    out_center_ptr, out_scale_ptr, out_shift_ptr, out_slope,
+    # pointers: z = act_in(x) @ W^T + b
+    x_ptr, w_ptr, bias_ptr, z_ptr,
+    # the previous block's activation site, applied to x on load
+    in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+    # this block's BatchNorm: partials [3, row_tiles, N], vectors [6, N], parameters, running stats
+    part_ptr, vec_ptr, gamma_ptr, beta_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ticket_ptr, eps, momentum,
     # sizes
     M, N, K,
-    # strides
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_zm, stride_zn,
+    # strides (z is contiguous)
+    stride_xm, stride_xk, stride_wn, stride_wk,
     # meta-parameters
     IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, OUT_BN: tl.constexpr, OUT_ACT: tl.constexpr, STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BN_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """z = act_in(x) @ W^T + b (or its eval-mode activation), plus column partials of z."""
-    pid_m, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
+    """z = act_in(x) @ W^T + b, and this block's BatchNorm vectors (see the module docstring)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _ = _gemm_core(
-        x_ptr, x_ptr, stride_xm, stride_xk,
-        w_ptr, stride_wk, stride_wn,
-        in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, None, None,
-        None, None, None, None, 0.0, 0.0, 0.0,
+        x_ptr, x_ptr, stride_xm, stride_xk, in_vec_ptr, None, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+        w_ptr, stride_wk, stride_wn, None, None, 0.0, 0.0, 0.0,
         offs_m, offs_n, M, N, 0, K,
         IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False,
         A_PLAIN, False, ACT_NONE, False, False,
@@ -329,188 +353,253 @@ def _linear_fwd_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if OUT_BN or OUT_ACT != ACT_NONE:
-        center, scale, shift = _act_vectors(out_center_ptr, out_scale_ptr, out_shift_ptr, offs_n, mask_n, OUT_BN)
-        acc = _act_fn(_bn(acc, center, scale, shift, OUT_BN), out_slope, OUT_ACT)
     z = acc.to(z_ptr.dtype.element_ty)
-    z_offs = offs_m.to(tl.int64)[:, None] * stride_zm + offs_n.to(tl.int64)[None, :] * stride_zn
-    tl.store(z_ptr + z_offs, z, mask=mask)
-    if STATS:
-        # Per-tile mean and M2 of the stored (rounded) z, merged across tiles by Chan's
-        # formula: no E[z^2] - E[z]^2 cancellation. Both are taken relative to the tile's
-        # first row, so a large common offset (|mean| >> std) costs no precision either.
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        z32 = z.to(tl.float32)
-        shift = tl.sum(tl.where((offs_m == pid_m * BLOCK_M)[:, None], z32, 0.0), axis=0)
-        diff = tl.where(mask, z32 - shift[None, :], 0.0)
-        mean = tl.sum(diff, axis=0) / count
-        dev = tl.where(mask, diff - mean[None, :], 0.0)
-        tl.store(shift_part_ptr + pid_m * N + offs_n, shift, mask=mask_n)
-        tl.store(mean_part_ptr + pid_m * N + offs_n, mean, mask=mask_n)
-        tl.store(m2_part_ptr + pid_m * N + offs_n, tl.sum(dev * dev, axis=0), mask=mask_n)
+    tl.store(z_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], z, mask=mask)
+    if BN_MODE == BN_FIXED:
+        if pid_m == 0:
+            _fixed_vectors(vec_ptr, run_mean_ptr, run_var_ptr, gamma_ptr, beta_ptr, eps, N, offs_n, mask_n,
+                           HAS_GAMMA, HAS_BETA)
+    elif BN_MODE != BN_NONE:
+        # statistics of the stored (rounded) z, as eager computes them
+        row_tiles = tl.num_programs(0)
+        _stats_partials(z.to(tl.float32), mask, offs_m, offs_n, mask_n, pid_m, part_ptr, M, N, row_tiles, BLOCK_M)
+        if BN_MODE == BN_BATCH:
+            col_tiles = tl.num_programs(1)
+            if _ticket(ticket_ptr + tl.program_id(1), row_tiles):
+                _finalize_stats(part_ptr, vec_ptr, gamma_ptr, beta_ptr, run_mean_ptr, run_var_ptr, nbt_ptr,
+                                ticket_ptr + col_tiles, eps, momentum, offs_n, mask_n, M, N, row_tiles, col_tiles,
+                                BLOCK_M, HAS_GAMMA, HAS_BETA, RUNNING, CUMULATIVE)
 
 
 @triton.jit
-def _linear_dx_kernel(
-    # pointers
-    g_y_ptr, z_ptr, w_ptr, g_in_ptr,              # g_in = g_z @ W, through the previous block's act'
-    center_ptr, scale_ptr, u_ptr, v_ptr,          # this block's BN backward coefficients
-    g_sum_part_ptr, g_xhat_part_ptr,              # [row_tiles, N] partials of the stored g_in
-    # the previous block: its z and activation site, and rstd for xhat
-    z_in_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-    in_rstd_ptr,
-    # sizes: M = batch, N = in_features, K = out_features
-    M, N, K,
-    # strides (g_y and z share theirs)
-    stride_gm, stride_gk, stride_wk, stride_wn, stride_im, stride_in, stride_zim, stride_zin,
-    # meta-parameters
-    HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
-    IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
+def _dx_program(
+    pid, g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
+    x_ptr, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr, in_uv_ptr,
+    g_in_ptr, g_part_ptr, ticket_ptr, M, N, K,
+    HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
+    IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """g_y of the previous block = act_in'(g_z @ W), g_z built from g_y and z on load."""
-    pid_m, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
+    """dX tile `pid` (row-major over [M, K]): g_y_{l-1} = act_in'(g_z @ W), its partials and
+    the previous block's BatchNorm gradients (module docstring)."""
+    col_tiles = tl.cdiv(K, BLOCK_N)
+    pid_m = pid // col_tiles
+    pid_n = pid % col_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _ = _gemm_core(
-        g_y_ptr, z_ptr, stride_gm, stride_gk,
-        w_ptr, stride_wk, stride_wn,
-        center_ptr, scale_ptr, None, None, 0.0, 0.0, 0.0, u_ptr, v_ptr,
-        None, None, None, None, 0.0, 0.0, 0.0,
-        offs_m, offs_n, M, N, 0, K,
+        g_y_ptr, z_ptr, N, 1, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
+        w_ptr, stride_wn, stride_wk, None, None, 0.0, 0.0, 0.0,
+        offs_m, offs_n, M, K, 0, N,
         A_GRAD_K if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
         A_PLAIN, False, ACT_NONE, False, False,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     _grad_epilogue(
-        acc, offs_m, offs_n, M, N, pid_m,
-        z_in_ptr, stride_zim, stride_zin, in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p,
-        in_drop_scale, in_slope, in_rstd_ptr,
-        g_in_ptr, stride_im, stride_in, g_sum_part_ptr, g_xhat_part_ptr,
-        IN_BN, IN_ACT, IN_DROPOUT,
+        acc, offs_m, offs_n, M, K, pid_m, pid_n, tl.cdiv(M, BLOCK_M),
+        x_ptr, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr,
+        in_uv_ptr, g_in_ptr, g_part_ptr, ticket_ptr,
+        IN_BN_MODE, IN_HAS_GAMMA, IN_HAS_BETA, IN_ACT, IN_DROPOUT,
     )
 
 
 @triton.jit
-def _linear_dw_kernel(
-    # pointers
-    g_y_ptr, z_ptr, x_ptr, dw_ptr, db_part_ptr,
-    center_ptr, scale_ptr, u_ptr, v_ptr,          # this block's BN backward (features = rows of dW)
-    # the previous block's activation site, applied to x (features = cols of dW)
-    in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-    # sizes: M = out_features, N = in_features, B = batch, split into chunks of ROWS_PER_SPLIT
-    M, N, B, ROWS_PER_SPLIT,
-    # strides (g_y and z share theirs)
-    stride_gb, stride_gm, stride_xb, stride_xn, stride_ds, stride_dm, stride_dn,
-    # meta-parameters
+def _dw_program(
+    pid, g_y_ptr, z_ptr, vec_ptr, uv_ptr,
+    x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+    dw_ptr, db_ptr, dw_part_ptr, db_part_ptr, ticket_ptr, M, N, K, ROWS_PER_SPLIT,
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
     IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dW[split] = g_z^T @ act_in(x) over one chunk of the batch; db[split] = its row sums."""
-    _, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
-    pid_s = tl.program_id(2)
-    k_start = pid_s * ROWS_PER_SPLIT
-    k_end = tl.minimum(k_start + ROWS_PER_SPLIT, B)
+    """dW tile `pid % tiles` over batch chunk `pid // tiles`: g_z^T @ a_{l-1}, and db; with
+    SPLIT, fp32 partials that the chunk finishing last sums in chunk order."""
+    col_tiles = tl.cdiv(K, BLOCK_N)
+    tiles = tl.cdiv(N, BLOCK_M) * col_tiles
+    tile = pid % tiles
+    split = pid // tiles
+    offs_m = (tile // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = split * ROWS_PER_SPLIT
     acc, row_sum = _gemm_core(
-        g_y_ptr, z_ptr, stride_gm, stride_gb,
-        x_ptr, stride_xb, stride_xn,
-        center_ptr, scale_ptr, None, None, 0.0, 0.0, 0.0, u_ptr, v_ptr,
-        in_center_ptr, in_scale_ptr, in_shift_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-        offs_m, offs_n, M, N, k_start, k_end,
+        g_y_ptr, z_ptr, 1, N, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
+        x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+        offs_m, offs_n, N, K, k_start, tl.minimum(k_start + ROWS_PER_SPLIT, M),
         A_GRAD_M if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
         IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, HAS_BIAS,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
-    mask_m = offs_m < M
-    mask = mask_m[:, None] & (offs_n < N)[None, :]
-    d_offs = pid_s * stride_ds + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :] * stride_dn
-    tl.store(dw_ptr + d_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS:
-        if tl.program_id(1) == 0:
-            tl.store(db_part_ptr + pid_s * M + offs_m, row_sum, mask=mask_m)
+    mask_m = offs_m < N
+    mask = mask_m[:, None] & (offs_n < K)[None, :]
+    d_offs = offs_m.to(tl.int64)[:, None] * K + offs_n[None, :]
+    mask_db = offs_m < tl.where(tile % col_tiles == 0, N, 0)  # the first column tile sums db
+    if SPLIT:
+        plane = N.to(tl.int64) * K
+        tl.store(dw_part_ptr + split * plane + d_offs, acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(db_part_ptr + split * N + offs_m, row_sum, mask=mask_db)
+        splits = tl.cdiv(M, ROWS_PER_SPLIT)
+        if _ticket(ticket_ptr + tile, splits):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for s in range(0, splits):
+                acc += tl.load(dw_part_ptr + s * plane + d_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    row_sum += tl.load(db_part_ptr + s * N + offs_m, mask=mask_db, other=0.0, cache_modifier=".cg")
+            tl.store(dw_ptr + d_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+            if HAS_BIAS:
+                tl.store(db_ptr + offs_m, row_sum.to(db_ptr.dtype.element_ty), mask=mask_db)
+    else:
+        tl.store(dw_ptr + d_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            tl.store(db_ptr + offs_m, row_sum.to(db_ptr.dtype.element_ty), mask=mask_db)
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    # this block: g_y and z [M, N] (contiguous), its vectors and u, v, its weight W [N, K]
+    g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
+    # the previous block: a_{l-1} = act_in(x), x = z_{l-1} (or the chain's input); its site and
+    # BatchNorm gradients
+    x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+    in_dgamma_ptr, in_dbeta_ptr, in_uv_ptr,
+    # dX outputs: g_y_{l-1} [M, K] (contiguous) and its partials [2, row_tiles, K]
+    g_in_ptr, g_part_ptr,
+    # dW outputs: dW [N, K], db [N] and, split over the batch, fp32 partials [splits, N, K], [splits, N]
+    dw_ptr, db_ptr, dw_part_ptr, db_part_ptr,
+    # ticket counters: the dX column tiles', then the dW tiles'
+    ticket_ptr,
+    # sizes: M = batch, N = out_features, K = in_features; the first DX_PROGRAMS programs do dX
+    M, N, K, ROWS_PER_SPLIT, DX_PROGRAMS,
+    # meta-parameters
+    HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
+    IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
+    IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
+    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One block's backward: the dX programs, then the dW programs (module docstring)."""
+    pid = tl.program_id(0)
+    if pid < DX_PROGRAMS:
+        _dx_program(
+            pid, g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
+            x_ptr, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr,
+            in_uv_ptr, g_in_ptr, g_part_ptr, ticket_ptr, M, N, K,
+            HAS_BN, BATCH_STATS, IN_ACT, IN_DROPOUT, IN_BN_MODE, IN_HAS_GAMMA, IN_HAS_BETA,
+            DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, PRECISION,
+        )
+    else:
+        _dw_program(
+            pid - DX_PROGRAMS, g_y_ptr, z_ptr, vec_ptr, uv_ptr,
+            x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+            dw_ptr, db_ptr, dw_part_ptr, db_part_ptr, ticket_ptr + tl.cdiv(K, DX_BLOCK_N), M, N, K, ROWS_PER_SPLIT,
+            HAS_BN, BATCH_STATS, IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, HAS_BIAS, SPLIT,
+            DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
+        )
 
 
 @triton.jit
 def _act_fwd_kernel(
-    z_ptr, a_ptr, center_ptr, scale_ptr, shift_ptr, seed_ptr, drop_p, drop_scale, slope,
-    M, N, stride_zm, stride_zn, stride_am, stride_an,
+    z_ptr, a_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, M, N,
     BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """a = act(z) for the last block of a chain (nothing after it to fuse into)."""
-    _, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
+    """a = act(z) for the last block of a chain (nothing after it to fuse into); contiguous."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
-    center, scale, shift = _act_vectors(center_ptr, scale_ptr, shift_ptr, offs_n, mask_n, BN)
+    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    center, scale, shift = _site_vectors(vec_ptr, N, offs_n, mask_n, BN, 1)
     a = _activate(z.to(tl.float32), offs_m, offs_n, center, scale, shift, seed_ptr, drop_p, drop_scale, slope,
                   BN, ACT, DROPOUT)
-    tl.store(a_ptr + rows * stride_am + offs_n[None, :] * stride_an, a.to(a_ptr.dtype.element_ty), mask=mask)
+    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _act_bwd_kernel(
-    g_ptr, z_ptr, g_y_ptr, center_ptr, scale_ptr, shift_ptr, seed_ptr, drop_p, drop_scale, slope, rstd_ptr,
-    g_sum_part_ptr, g_xhat_part_ptr,
-    M, N, stride_gm, stride_gn, stride_zm, stride_zn, stride_ym, stride_yn,
-    BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    g_ptr, stride_gm, stride_gn, z_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr, dbeta_ptr, uv_ptr,
+    g_y_ptr, part_ptr, ticket_ptr, M, N,
+    BN_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """g_y = act'(y) * drop(dL/da) and its column partials, for the last block of a chain."""
-    pid_m, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
+    """g_y = act'(y) * drop(dL/da), its partials and BatchNorm gradients, for a chain's last block."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    g_offs = offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
     _grad_epilogue(
-        g, offs_m, offs_n, M, N, pid_m,
-        z_ptr, stride_zm, stride_zn, center_ptr, scale_ptr, shift_ptr, seed_ptr, drop_p, drop_scale, slope, rstd_ptr,
-        g_y_ptr, stride_ym, stride_yn, g_sum_part_ptr, g_xhat_part_ptr,
-        BN, ACT, DROPOUT,
+        g.to(tl.float32), offs_m, offs_n, M, N, pid_m, tl.program_id(1), tl.num_programs(0),
+        z_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr, dbeta_ptr, uv_ptr,
+        g_y_ptr, part_ptr, ticket_ptr,
+        BN_MODE, HAS_GAMMA, HAS_BETA, ACT, DROPOUT,
     )
+
+
+@triton.jit
+def _dropout_scale_kernel(seed_ptr, out_ptr, M, N, drop_p, drop_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ones = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+    keep = _dropout(ones, offs_m, offs_n, seed_ptr, drop_p, drop_scale, True)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], keep, mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
 
+NO_BN, BATCH, FIXED, PARTIALS = 0, 1, 2, 3  # the BN_* modes, for the host
 
-class Act(NamedTuple):
-    """A block's activation a = drop(act((z - center) * scale + shift)), and what its
-    backward needs.
 
-    The vectors are fp32 of the block's width (None without BatchNorm); `rstd` turns z into
-    xhat; `z` is the block's stored pre-BN output (None where not kept, e.g. in eval). `act`
-    is a code from ACTIVATIONS (a bool works: True is ReLU); `seed` is an int64 device tensor
-    keying the dropout mask, used when `drop_p` > 0.
-    """
-    z: Optional[torch.Tensor]
-    center: Optional[torch.Tensor]
-    scale: Optional[torch.Tensor]
-    shift: Optional[torch.Tensor]
-    rstd: Optional[torch.Tensor]
-    bn: bool
-    act: int
+class Site(NamedTuple):
+    """A block's activation a = drop(act((z - center) * scale + shift)), as the next kernel
+    applies it on load: the block's BatchNorm vectors `vec` (None without BatchNorm), an
+    ACTIVATIONS code, LeakyReLU's slope, and dropout with probability `drop_p` keyed on
+    `seed` (an int64 [1] tensor on the device)."""
+    vec: Optional[torch.Tensor] = None
+    act: int = 0
     slope: float = 0.0
     drop_p: float = 0.0
     seed: Optional[torch.Tensor] = None
 
     @property
     def identity(self) -> bool:
-        return not (self.bn or self.act or self.drop_p)
+        return self.vec is None and not self.act and not self.drop_p
 
 
-class BNGrad(NamedTuple):
-    """A block's BatchNorm backward: g_z = scale * g_y + u * (z - center) + v (u, v only
-    with batch statistics)."""
-    center: torch.Tensor
-    scale: torch.Tensor
-    u: Optional[torch.Tensor]
-    v: Optional[torch.Tensor]
+class Norm(NamedTuple):
+    """A block's BatchNorm as its kernels see it. `mode` is NO_BN, BATCH (batch statistics),
+    FIXED (running statistics) or PARTIALS (batch statistics merged on the host, across ranks);
+    `vec` [VEC_ROWS, N] fp32 receives the vectors. The running statistics are read in FIXED
+    mode and updated in BATCH mode when given; `momentum` None is the cumulative average. In the
+    backward `uv` [2, N] fp32 receives u and v (new_uv)."""
+    mode: int
+    vec: Optional[torch.Tensor] = None
+    gamma: Optional[torch.Tensor] = None
+    beta: Optional[torch.Tensor] = None
+    running_mean: Optional[torch.Tensor] = None
+    running_var: Optional[torch.Tensor] = None
+    num_batches: Optional[torch.Tensor] = None
+    eps: float = 1e-5
+    momentum: Optional[float] = 0.1
+    uv: Optional[torch.Tensor] = None
 
-    @property
-    def batch_stats(self) -> bool:
-        return self.u is not None
+
+NO_SITE = Site()
+NO_NORM = Norm(NO_BN)
 
 
-NO_ACT = Act(None, None, None, None, None, False, 0)
-NO_BN_GRAD = BNGrad(None, None, None, None)
+def new_vec(N: int, device) -> torch.Tensor:
+    """An uninitialised vector buffer for a BatchNorm block of width N (the kernels fill it)."""
+    return torch.empty((VEC_ROWS, N), device=device, dtype=torch.float32)
+
+
+def new_uv(N: int, device) -> torch.Tensor:
+    """An uninitialised u, v buffer for a BatchNorm block's backward (the kernels fill it)."""
+    return torch.empty((2, N), device=device, dtype=torch.float32)
 
 
 def _drop_scale(p: float) -> float:
@@ -518,14 +607,9 @@ def _drop_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
-def _site(act: Act) -> tuple:
+def _site(site: Site) -> tuple:
     """The runtime arguments of an activation site, in kernel order."""
-    return act.center, act.scale, act.shift, act.seed, float(act.drop_p), _drop_scale(act.drop_p), float(act.slope)
-
-
-def _site_flags(act: Act, prefix: str) -> dict:
-    """The constexpr flags of an activation site."""
-    return {f"{prefix}BN": act.bn, f"{prefix}ACT": int(act.act), f"{prefix}DROPOUT": act.drop_p > 0}
+    return site.vec, site.seed, float(site.drop_p), _drop_scale(site.drop_p), float(site.slope)
 
 
 def _interpreting() -> bool:
@@ -551,161 +635,138 @@ def _tiles(M: int, N: int, dtype: torch.dtype):
     if _interpreting():
         return 32, 32, 32, 4, 1  # small tiles, so small test shapes still cross tile edges
     block_m = 128 if M >= 2048 else 64
-    block_n = min(128, max(16, triton.next_power_of_2(N)))
+    block_n = min(128, max(16, launch.next_power_of_2(N)))
     block_k = 32 if dtype == torch.float32 else 64
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return block_m, block_n, block_k, num_warps, 3
 
 
-def _partials(row_tiles: int, N: int, device, count: int):
-    return tuple(torch.empty((row_tiles, N), device=device, dtype=torch.float32) for _ in range(count))
+def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NORM, out=None):
+    """z = act_in(x) @ weight^T + bias, contiguous (written into `out` when given), and
+    `norm.vec` filled (BATCH, FIXED).
 
-
-def linear_fwd(x, weight, bias, act_in: Act = NO_ACT, act_out: Act = NO_ACT, stats: bool = False):
-    """z = act_in(x) @ weight^T + bias, or act_out(z) (eval: BatchNorm and activation folded
-    in; act_out's dropout is not applied).
-
-    Returns (z, partials, tile_rows): with `stats`, partials are the per-row-tile column
-    shift (first row's z), mean and M2 of z - shift (fp32 [row_tiles, N]) that
-    `batchnorm.bn_stats` merges.
+    Returns (z, partials): with `norm.mode` PARTIALS, the per-row-tile (shift, mean, M2) of z,
+    fp32 [3, row_tiles, N], and the rows per tile, for the host to merge; else None.
     """
     M, K = x.shape
     N = weight.shape[0]
-    z = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    z = out if out is not None else torch.empty((M, N), device=x.device, dtype=x.dtype)
     block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, x.dtype)
-    row_tiles = triton.cdiv(M, block_m)
-    parts = _partials(row_tiles, N, x.device, 3) if stats else (None, None, None)
-    _linear_fwd_kernel[(row_tiles, triton.cdiv(N, block_n))](
-        x, weight, z, bias, *parts,
-        *_site(act_in),
-        act_out.center, act_out.scale, act_out.shift, float(act_out.slope),
-        M, N, K,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
-        IN_MODE=A_PLAIN if act_in.identity else A_ACT_K, **_site_flags(act_in, "IN_"),
-        HAS_BIAS=bias is not None, OUT_BN=act_out.bn, OUT_ACT=int(act_out.act), STATS=stats,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+    grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
+    mode = norm.mode
+    part = torch.empty((3, grid[0], N), device=x.device, dtype=torch.float32) if mode in (BATCH, PARTIALS) else None
+    ticket = launch.tickets(x.device, grid[1] + 1) if mode == BATCH else None
+    running = mode == BATCH and norm.running_mean is not None
+    launch.run(
+        _linear_fwd_kernel, grid,
+        (x, weight, bias, z, *_site(site_in),
+         part, norm.vec, norm.gamma, norm.beta, norm.running_mean, norm.running_var,
+         norm.num_batches if running else None, ticket, float(norm.eps), float(norm.momentum or 0.0),
+         M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1)),
+        (A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
+         bias is not None, mode, norm.gamma is not None, norm.beta is not None, running, norm.momentum is None,
+         block_m, block_n, block_k, _precision(x.dtype)),
+        num_warps, num_stages,
     )
-    return z, (parts if stats else None), block_m
-
-
-def linear_dx(g_y, z, weight, bn: Optional[BNGrad], act_in: Act = NO_ACT):
-    """The previous block's g_y = act_in's backward applied to g_z @ weight.
-
-    g_z is built on load from this block's g_y and z (`bn`, or g_z = g_y without BatchNorm).
-    Returns (g_y_in, partials, tile_rows): with BatchNorm in `act_in`, partials are the
-    per-row-tile column sums of g_y_in and g_y_in * xhat_in for `batchnorm.bn_grad`.
-    """
-    M, K = g_y.shape
-    N = weight.shape[1]
-    g_in = torch.empty((M, N), device=g_y.device, dtype=g_y.dtype)
-    block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, g_y.dtype)
-    row_tiles = triton.cdiv(M, block_m)
-    parts = _partials(row_tiles, N, g_y.device, 2) if act_in.bn else (None, None)
-    z_in = act_in.z if act_in.z is not None else g_in  # unused without act_in
-    bn = bn if bn is not None else NO_BN_GRAD
-    _linear_dx_kernel[(row_tiles, triton.cdiv(N, block_n))](
-        g_y, z, weight, g_in,
-        bn.center, bn.scale, bn.u, bn.v,
-        *parts,
-        act_in.z, *_site(act_in), act_in.rstd,
-        M, N, K,
-        g_y.stride(0), g_y.stride(1), weight.stride(0), weight.stride(1),
-        g_in.stride(0), g_in.stride(1), z_in.stride(0), z_in.stride(1),
-        HAS_BN=bn.center is not None, BATCH_STATS=bn.batch_stats, **_site_flags(act_in, "IN_"),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(g_y.dtype),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return g_in, (parts if act_in.bn else None), block_m
+    return z, ((part, block_m) if mode == PARTIALS else None)
 
 
 def _batch_splits(B: int, tiles: int, block_k: int) -> int:
     """How many chunks the dW reduction over the batch is split into: enough programs to
-    fill the device, each chunk still a long run of BLOCK_K steps."""
+    fill the device, each chunk still a long run of BLOCK_K steps, and few enough that the
+    last program's sum of the chunks stays short."""
     if _interpreting():
-        return triton.cdiv(B, 4 * block_k)  # several chunks at test sizes, to test the split
-    target = 2 * num_sms()
-    return max(1, min(triton.cdiv(target, tiles), triton.cdiv(B, 8 * block_k)))
+        return launch.cdiv(B, 4 * block_k)  # several chunks at test sizes, to test the split
+    return max(1, min(launch.cdiv(2 * num_sms(), tiles), launch.cdiv(B, 8 * block_k), 32))
 
 
-def linear_dw(g_y, z, x, bn: Optional[BNGrad], act_in: Act = NO_ACT, has_bias: bool = True):
-    """dW = g_z^T @ act_in(x) and db = sum_rows g_z (None without `has_bias`).
+def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: Norm = NO_NORM,
+               input_grad: bool = True, has_bias: bool = True):
+    """One block's backward in one launch (module docstring): from its g_y and z [B, N] (`norm`
+    its BatchNorm, with u and v in `norm.uv` for batch statistics), its weight [N, K] and its
+    input a = act_in(x) (`site_in`, `norm_in` of the previous block).
 
-    The batch is split into chunks with fp32 partials summed in chunk order (deterministic).
+    Returns (g_y_in, dw, db, dgamma_in, dbeta_in, partials_in): g_y_in is the previous block's
+    g_y (None without `input_grad`; the chain's input gradient when `site_in` is the identity);
+    db None without `has_bias`; the previous block's dgamma and dbeta (None where it has none)
+    in its parameters' dtype, with its u and v in `norm_in.uv`; with `norm_in.mode` PARTIALS
+    its per-row-tile sums of g_y and g_y * xhat [2, row_tiles, K] for the host, and dgamma,
+    dbeta, u, v left to it.
     """
-    B, M = g_y.shape
-    N = x.shape[1]
-    block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, g_y.dtype)
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    splits = _batch_splits(B, tiles, block_k)
-    rows_per_split = triton.cdiv(triton.cdiv(B, splits), block_k) * block_k
-    splits = triton.cdiv(B, rows_per_split)
-    dw_dtype = g_y.dtype if splits == 1 else torch.float32
-    dw = torch.empty((splits, M, N), device=g_y.device, dtype=dw_dtype)
-    db = torch.empty((splits, M), device=g_y.device, dtype=torch.float32) if has_bias else None
-    bn = bn if bn is not None else NO_BN_GRAD
-    _linear_dw_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)](
-        g_y, z, x, dw, db,
-        bn.center, bn.scale, bn.u, bn.v,
-        *_site(act_in),
-        M, N, B, rows_per_split,
-        g_y.stride(0), g_y.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        HAS_BN=bn.center is not None, BATCH_STATS=bn.batch_stats,
-        IN_MODE=A_PLAIN if act_in.identity else A_ACT_K, **_site_flags(act_in, "IN_"), HAS_BIAS=has_bias,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(g_y.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+    B, N = g_y.shape
+    K = weight.shape[1]
+    dev = g_y.device
+    dx_m, dx_n, dx_k, num_warps, num_stages = _tiles(B, K, g_y.dtype)
+    dw_m, dw_n, dw_k, _, _ = _tiles(N, K, g_y.dtype)
+    dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
+    dw_tiles = launch.cdiv(N, dw_m) * launch.cdiv(K, dw_n)
+    splits = _batch_splits(B, dw_tiles, dw_k)
+    rows_per_split = launch.cdiv(launch.cdiv(B, splits), dw_k) * dw_k
+    splits = launch.cdiv(B, rows_per_split)
+
+    g_in = torch.empty((B, K), device=dev, dtype=g_y.dtype) if input_grad else None
+    in_bn = norm_in.mode if input_grad else NO_BN
+    part_in = torch.empty((2, dx_row_tiles, K), device=dev, dtype=torch.float32) if in_bn != NO_BN else None
+    dgamma = torch.empty_like(norm_in.gamma) if in_bn != NO_BN and norm_in.gamma is not None else None
+    dbeta = torch.empty_like(norm_in.beta) if in_bn != NO_BN and norm_in.beta is not None else None
+    dw = torch.empty_like(weight)
+    db = torch.empty(N, device=dev, dtype=weight.dtype) if has_bias else None
+    dw_part = torch.empty((splits, N, K), device=dev, dtype=torch.float32) if splits > 1 else None
+    db_part = torch.empty((splits, N), device=dev, dtype=torch.float32) if splits > 1 and has_bias else None
+    dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
+    launch.run(
+        _linear_bwd_kernel, (dx_programs + dw_tiles * splits, 1, 1),
+        (g_y, z, norm.vec, norm.uv, weight, weight.stride(0), weight.stride(1),
+         x, x.stride(0), x.stride(1), *_site(site_in), dgamma, dbeta, norm_in.uv if in_bn != NO_BN else None,
+         g_in if input_grad else g_y,  # (g_y: a stand-in, never written without dX programs)
+         part_in, dw, db, dw_part, db_part, launch.tickets(dev, dx_col_tiles + dw_tiles),
+         B, N, K, rows_per_split, dx_programs),
+        (norm.mode != NO_BN, norm.mode in (BATCH, PARTIALS),
+         A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
+         in_bn, dgamma is not None, dbeta is not None, has_bias, splits > 1,
+         dx_m, dx_n, dx_k, dw_m, dw_n, dw_k, _precision(g_y.dtype)),
+        num_warps, num_stages,
     )
-    dw = dw[0] if splits == 1 else dw.sum(0).to(g_y.dtype)
-    if db is not None:
-        db = db.sum(0).to(g_y.dtype)
-    return dw, db
+    return g_in, dw, db, dgamma, dbeta, (part_in if in_bn == PARTIALS else None)
 
 
 def _elementwise_tiles(M: int, N: int):
-    block_n = min(128, triton.next_power_of_2(N))
+    block_n = min(128, launch.next_power_of_2(N))
     return (32 if _interpreting() else max(16, 4096 // block_n)), block_n
 
 
-def act_fwd(act: Act):
-    """a = act(act.z) for a chain's last block."""
-    z = act.z
+def act_fwd(z, site: Site):
+    """a = act(z) for a chain's last block (z contiguous)."""
     M, N = z.shape
     a = torch.empty_like(z)
     block_m, block_n = _elementwise_tiles(M, N)
-    _act_fwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        z, a, *_site(act),
-        M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1),
-        **_site_flags(act, ""), BLOCK_M=block_m, BLOCK_N=block_n,
+    launch.run(
+        _act_fwd_kernel, (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1),
+        (z, a, *_site(site), M, N),
+        (site.vec is not None, int(site.act), site.drop_p > 0, block_m, block_n), 4, 1,
     )
     return a
 
 
-def act_bwd(grad, act: Act):
-    """g_y = the backward of `act` applied to grad = dL/da, for a chain's last block.
-
-    Returns (g_y, partials, tile_rows) as `linear_dx` does.
-    """
+def act_bwd(grad, z, site: Site, norm: Norm):
+    """g_y = the backward of `site`'s activation applied to grad = dL/da, for a chain's last
+    block. Returns (g_y, dgamma, dbeta, partials) as `linear_bwd` does for the previous block."""
     M, N = grad.shape
     g_y = torch.empty((M, N), device=grad.device, dtype=grad.dtype)
     block_m, block_n = _elementwise_tiles(M, N)
-    row_tiles = triton.cdiv(M, block_m)
-    parts = _partials(row_tiles, N, grad.device, 2) if act.bn else (None, None)
-    _act_bwd_kernel[(row_tiles, triton.cdiv(N, block_n))](
-        grad, act.z, g_y, *_site(act), act.rstd,
-        *parts,
-        M, N, grad.stride(0), grad.stride(1), act.z.stride(0), act.z.stride(1), g_y.stride(0), g_y.stride(1),
-        **_site_flags(act, ""), BLOCK_M=block_m, BLOCK_N=block_n,
+    grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
+    bn = norm.mode
+    part = torch.empty((2, grid[0], N), device=grad.device, dtype=torch.float32) if bn != NO_BN else None
+    dgamma = torch.empty_like(norm.gamma) if bn != NO_BN and norm.gamma is not None else None
+    dbeta = torch.empty_like(norm.beta) if bn != NO_BN and norm.beta is not None else None
+    launch.run(
+        _act_bwd_kernel, grid,
+        (grad, grad.stride(0), grad.stride(1), z, *_site(site), dgamma, dbeta, norm.uv if bn != NO_BN else None,
+         g_y, part,
+         launch.tickets(grad.device, grid[1]), M, N),
+        (bn, dgamma is not None, dbeta is not None, int(site.act), site.drop_p > 0, block_m, block_n), 4, 1,
     )
-    return g_y, (parts if act.bn else None), block_m
-
-
-@triton.jit
-def _dropout_scale_kernel(seed_ptr, out_ptr, M, N, drop_p, drop_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    _, offs_m, offs_n = _tile(BLOCK_M, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ones = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
-    keep = _dropout(ones, offs_m, offs_n, seed_ptr, drop_p, drop_scale, True)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], keep, mask=mask)
+    return g_y, dgamma, dbeta, (part if bn == PARTIALS else None)
 
 
 def dropout_scale(seed, M: int, N: int, p: float):
@@ -713,6 +774,6 @@ def dropout_scale(seed, M: int, N: int, p: float):
     multiplies an [M, N] activation by: for tests and for inspecting a fused forward."""
     out = torch.empty((M, N), device=seed.device, dtype=torch.float32)
     block_m, block_n = _elementwise_tiles(M, N)
-    _dropout_scale_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        seed, out, M, N, float(p), _drop_scale(p), BLOCK_M=block_m, BLOCK_N=block_n)
+    launch.run(_dropout_scale_kernel, (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1),
+               (seed, out, M, N, float(p), _drop_scale(p)), (block_m, block_n), 4, 1)
     return out

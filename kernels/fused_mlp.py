@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .fused_linear import _interpreting, _precision, num_sms
 
 
@@ -251,8 +252,8 @@ def _tiles(H: int, K_in: int, N_out: int, dtype: torch.dtype, backward: bool = F
     """
     if _interpreting():
         return 32, 32, 32, 4, 1  # small tiles, so small test shapes cross tile edges
-    block_k = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(K_in)))
-    block_n = min(64, max(16, triton.next_power_of_2(N_out)))
+    block_k = min(64 if dtype != torch.float32 else 32, max(16, launch.next_power_of_2(K_in)))
+    block_n = min(64, max(16, launch.next_power_of_2(N_out)))
     if backward:
         block_m = 128 if H <= 16 else 64 if H <= 64 else 32
         return block_m, block_k, block_n, 8, 1
@@ -281,7 +282,7 @@ def mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid=None, bn_out=None, *, hi
     out = torch.empty((M, N_out), device=x.device, dtype=x.dtype)
     z = torch.empty((L - 1, M, H), device=x.device, dtype=x.dtype) if store_z else None
     block_m, block_k, block_n, num_warps, num_stages = _tiles(H, K_in, N_out, x.dtype)
-    _mlp_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _mlp_fwd_kernel[(launch.cdiv(M, block_m),)](
         x, w_in, _placeholder(w_hid, w_in), w_out, b_hid, b_out, bn_hid, bn_out, z, out,
         M, K_in, N_out, L,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), M * H,
@@ -312,7 +313,7 @@ def mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, *, hid_relu=True, out_relu=
     N_out = w_out.shape[0]
     L = w_hid.shape[0] + 2
     block_m, block_k, block_n, num_warps, num_stages = _tiles(H, K_in, N_out, x.dtype, backward=True)
-    row_tiles = triton.cdiv(M, block_m)
+    row_tiles = launch.cdiv(M, block_m)
     G = _programs(row_tiles)
     part = lambda *shape: torch.empty((G, *shape), device=x.device, dtype=torch.float32)  # noqa: E731
     dw_in, dw_hid, dw_out = part(H, K_in), part(L - 2, H, H), part(N_out, H)

@@ -28,23 +28,25 @@ SLOPE = 0.2
 
 
 def make_act(M, N, name, bn, p, device, seed=1234):
-    """An Act over a random z [M, N], with random BatchNorm vectors when `bn`."""
+    """(z, site, norm): a random z [M, N] and an activation site over it, with random
+    BatchNorm vectors (and parameters) when `bn`."""
     z = torch.randn(M, N, device=device) * 2
-    vec = dict(center=None, scale=None, shift=None, rstd=None)
+    vec, norm = None, K.NO_NORM
     if bn:
-        vec = dict(center=torch.randn(N, device=device), scale=torch.rand(N, device=device) + 0.5,
-                   shift=torch.randn(N, device=device), rstd=torch.rand(N, device=device) + 0.5)
+        vec = K.new_vec(N, device)
+        vec[:4] = torch.stack([torch.randn(N), torch.rand(N) + 0.5, torch.randn(N), torch.rand(N) + 0.5]).to(device)
+        norm = K.Norm(K.FIXED, vec, torch.rand(N, device=device) + 0.5, torch.randn(N, device=device),
+                      uv=K.new_uv(N, device))
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
-    return K.Act(z, **vec, bn=bn, act=K.ACTIVATIONS[name], slope=SLOPE, drop_p=p, seed=seed_t)
+    return z, K.Site(vec, K.ACTIVATIONS[name], SLOPE, p, seed_t), norm
 
 
-def reference(act: K.Act, name: str, z=None):
+def reference(z, site: K.Site, name: str):
     """a = drop(act(bn(z))) in PyTorch, as a function of z (differentiable)."""
-    z = act.z if z is None else z
-    y = (z - act.center) * act.scale + act.shift if act.bn else z
+    y = (z - site.vec[0]) * site.vec[1] + site.vec[2] if site.vec is not None else z
     a = TORCH_ACTS[name](y, SLOPE)
-    if act.drop_p:
-        a = a * K.dropout_scale(act.seed, *z.shape, act.drop_p)
+    if site.drop_p:
+        a = a * K.dropout_scale(site.seed, *z.shape, site.drop_p)
     return a
 
 
@@ -55,38 +57,36 @@ CASES = [(name, bn, p) for name in TORCH_ACTS for bn in (False, True) for p in (
 @pytest.mark.parametrize("name,bn,p", CASES, ids=[f"{n}-bn{b}-p{p}" for n, b, p in CASES])
 def test_activation_sites(kernel_device, name, bn, p):
     M, N, K_out = 45, 37, 19
-    act = make_act(M, N, name, bn, p, kernel_device)
+    z, site, norm = make_act(M, N, name, bn, p, kernel_device)
     w = torch.randn(K_out, N, device=kernel_device) / math.sqrt(N)
     g_out = torch.randn(M, K_out, device=kernel_device)
     g_a = torch.randn(M, N, device=kernel_device)
     tol = dict(atol=2e-5, rtol=2e-5)
 
-    z = act.z.clone().requires_grad_()
-    a = reference(act, name, z)
-    torch.testing.assert_close(K.act_fwd(act), a, **tol)
+    z_leaf = z.clone().requires_grad_()
+    a = reference(z_leaf, site, name)
+    torch.testing.assert_close(K.act_fwd(z, site), a, **tol)
 
     # forward prologue: z_next = act(z) @ W^T
-    z_next, _, _ = K.linear_fwd(act.z, w, None, act_in=act)
+    z_next, _ = K.linear_fwd(z, w, None, site)
     torch.testing.assert_close(z_next, a @ w.t(), **tol)
 
-    # dW prologue: dW = g^T @ act(z)
-    dw, _ = K.linear_dw(g_out, g_out, act.z, None, act_in=act, has_bias=False)
+    # the backward's dW prologue (dW = g^T @ act(z)) and dX epilogue (the activation's
+    # backward of g @ W), and the elementwise backward
+    g_in, dw, _, dgamma_dx, dbeta_dx, _ = K.linear_bwd(g_out, g_out, w, K.NO_NORM, z, site, norm, has_bias=False)
     torch.testing.assert_close(dw, g_out.t() @ a, **tol)
-
-    # backward of the activation: elementwise, and in the dX epilogue of the next block
-    want_g_y, = torch.autograd.grad(a, z, g_a, retain_graph=True)
-    if act.bn:  # kernels return dL/dy: the BN backward comes after
-        want_g_y = want_g_y / act.scale
-    g_y, parts, _ = K.act_bwd(g_a, act)
+    want_g_in, = torch.autograd.grad(a, z_leaf, g_out @ w, retain_graph=True)
+    want_g_y, = torch.autograd.grad(a, z_leaf, g_a)
+    g_y, dgamma, dbeta, _ = K.act_bwd(g_a, z, site, norm)
+    if bn:  # kernels return dL/dy: the BN backward comes after
+        want_g_in, want_g_y = want_g_in / site.vec[1], want_g_y / site.vec[1]
+    torch.testing.assert_close(g_in, want_g_in, **tol)
     torch.testing.assert_close(g_y, want_g_y, **tol)
-    g_in, parts_dx, _ = K.linear_dx(g_out, g_out, w, None, act_in=act)
-    want_g_in, = torch.autograd.grad(a, z, g_out @ w)
-    torch.testing.assert_close(g_in, want_g_in / act.scale if act.bn else want_g_in, **tol)
-    if act.bn:  # column partials for the BatchNorm backward: sum g_y, sum g_y * xhat
-        xhat = (act.z - act.center) * act.rstd
-        torch.testing.assert_close(parts[0].sum(0), want_g_y.sum(0), **tol)
-        torch.testing.assert_close(parts[1].sum(0), (want_g_y * xhat).sum(0), **tol)
-        assert parts_dx is not None
+    if bn:  # the BatchNorm parameters' gradients: sum g_y * xhat, sum g_y
+        xhat = (z - site.vec[0]) * site.vec[3]
+        for got_gamma, got_beta, g in ((dgamma_dx, dbeta_dx, want_g_in), (dgamma, dbeta, want_g_y)):
+            torch.testing.assert_close(got_gamma, (g * xhat).sum(0), **tol)
+            torch.testing.assert_close(got_beta, g.sum(0), **tol)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -113,11 +113,10 @@ def test_dropout_p_one_and_nan(kernel_device):
     """p = 1 drops everything; NaN and Inf multiply through as torch's dropout does."""
     seed = torch.tensor([3], dtype=torch.int64, device=kernel_device)
     assert torch.count_nonzero(K.dropout_scale(seed, 40, 40, 1.0)) == 0
-    act = make_act(40, 33, "relu", False, 0.5, kernel_device)
-    z = act.z.clone()
+    z, site, _ = make_act(40, 33, "relu", False, 0.5, kernel_device)
     z[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
-    a = K.act_fwd(act._replace(z=z))
-    want = F.relu(z) * K.dropout_scale(act.seed, 40, 33, 0.5)
+    a = K.act_fwd(z, site)
+    want = F.relu(z) * K.dropout_scale(site.seed, 40, 33, 0.5)
     assert torch.equal(torch.isnan(a), torch.isnan(want))
     torch.testing.assert_close(a.nan_to_num(), want.nan_to_num())
 
@@ -125,10 +124,9 @@ def test_dropout_p_one_and_nan(kernel_device):
 @pytest.mark.parametrize("name", list(TORCH_ACTS))
 def test_nan_inf_propagate(kernel_device, name):
     """NaN stays NaN and +-Inf map as torch maps them (relu(NaN) is NaN, not 0)."""
-    act = make_act(4, 8, name, False, 0.0, kernel_device)
-    z = act.z.clone()
+    z, site, _ = make_act(4, 8, name, False, 0.0, kernel_device)
     z[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-    got, want = K.act_fwd(act._replace(z=z)), TORCH_ACTS[name](z, SLOPE)
+    got, want = K.act_fwd(z, site), TORCH_ACTS[name](z, SLOPE)
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=2e-5, rtol=2e-5)

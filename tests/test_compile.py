@@ -13,7 +13,8 @@ from torch import nn
 import dwfast
 from conftest import requires_cuda
 from dwfast.kernels import ACTIVATIONS
-from dwfast.ops import BATCH, FIXED, NO_BN, chain_backward, chain_forward, chain_infer, update_running_stats
+from dwfast import ops
+from dwfast.ops import BATCH, FIXED, NO_BN, chain_backward, chain_body, chain_forward
 
 
 def small_model(width=10, bn=True, momentum=0.1):
@@ -79,73 +80,96 @@ def test_compiled_matches_eager_cuda(momentum):
 
 # ---------------------------------------------------------------- opcheck
 
-def _forward_args(x, widths, modes, acts, bias=True, affine=True, slopes=None, drop_ps=None):
-    """chain_forward's arguments for blocks x.shape[1] -> widths[0] -> ..., random parameters;
-    `acts` are names of kernels.ACTIVATIONS."""
-    weights, biases, gammas, betas, run_means, run_vars = [], [], [], [], [], []
+def _spec(x, widths, modes, acts, bias=True, affine=True, slopes=None, drop_ps=None, tracked=None,
+          cumulative=False):
+    """A chain's per-block tensors and flags for blocks x.shape[1] -> widths[0] -> ..., random
+    parameters; `acts` are names of kernels.ACTIVATIONS; `tracked` (default: every BATCH
+    block) update their running statistics."""
+    n = len(widths)
+    tracked = tracked if tracked is not None else [m == BATCH for m in modes]
+    spec = dict(x=x, weights=[], biases=[], gammas=[], betas=[], running_means=[], running_vars=[], num_batches=[])
     prev = x.shape[1]
-    for width, mode in zip(widths, modes):
-        weights.append(torch.randn(width, prev, requires_grad=True))
+    for width, mode, track in zip(widths, modes, tracked):
+        spec["weights"].append(torch.randn(width, prev, requires_grad=True))
         if bias:
-            biases.append(torch.randn(width, requires_grad=True))
+            spec["biases"].append(torch.randn(width, requires_grad=True))
         if mode != NO_BN and affine:
-            gammas.append(torch.rand(width).add(0.5).requires_grad_())
-            betas.append(torch.randn(width, requires_grad=True))
-        if mode == FIXED:
-            run_means.append(torch.randn(width))
-            run_vars.append(torch.rand(width) + 0.5)
+            spec["gammas"].append(torch.rand(width).add(0.5).requires_grad_())
+            spec["betas"].append(torch.randn(width, requires_grad=True))
+        if mode == FIXED or track:
+            spec["running_means"].append(torch.randn(width))
+            spec["running_vars"].append(torch.rand(width) + 0.5)
+        if track:
+            spec["num_batches"].append(torch.tensor(3))
         prev = width
-    has_bias = [bias] * len(widths)
+    drop_ps = drop_ps or [0.0] * n
     has_bn = [mode != NO_BN and affine for mode in modes]
-    drop_ps = drop_ps or [0.0] * len(widths)
-    seeds = torch.randint(0, 2 ** 62, (sum(p > 0 for p in drop_ps),))  # one per block with dropout
-    return (x, weights, biases, gammas, betas, run_means, run_vars, seeds, has_bias, has_bn, has_bn, modes,
-            [ACTIVATIONS[a] for a in acts], slopes or [0.0] * len(widths), drop_ps, [1e-5] * len(widths),
-            [0] * len(widths))
+    spec.update(
+        seeds=torch.randint(0, 2 ** 62, (sum(p > 0 for p in drop_ps),)),  # one per block with dropout
+        has_bias=[bias] * n, has_gamma=has_bn, has_beta=has_bn, bn_modes=modes, tracked=tracked,
+        acts=[ACTIVATIONS[a] for a in acts], slopes=slopes or [0.0] * n, drop_ps=drop_ps, eps=[1e-5] * n,
+        momentums=[0.1] * n, cumulative=[cumulative] * n, syncs=[0] * n)
+    return spec
 
 
-FORWARD_SAMPLES = {
-    "transposed_x": lambda: _forward_args(torch.randn(8, 21).t(), [10, 5], [BATCH, NO_BN], ["relu", "none"]),
-    "strided_x_last_act": lambda: _forward_args(torch.randn(21, 16)[:, ::2], [9, 4], [BATCH, BATCH],
-                                                ["relu", "relu"]),
-    "fixed_no_bias": lambda: _forward_args(torch.randn(19, 7), [10, 3], [FIXED, NO_BN], ["relu", "none"],
-                                           bias=False),
-    "no_affine": lambda: _forward_args(torch.randn(19, 7), [10, 3], [BATCH, FIXED], ["relu", "relu"], affine=False),
-    "gelu_leaky_dropout": lambda: _forward_args(torch.randn(19, 7), [10, 3], [BATCH, NO_BN], ["gelu", "leaky_relu"],
-                                                slopes=[0.0, 0.1], drop_ps=[0.3, 0.2]),
+def _forward_args(spec, body):
+    """chain_forward's arguments: the FIXED blocks' running statistics only."""
+    fixed, k = [], 0
+    for mode, track in zip(spec["bn_modes"], spec["tracked"]):
+        if mode == FIXED or track:
+            fixed.append(mode == FIXED)
+    pick = lambda ts: [t for t, f in zip(ts, fixed) if f]  # noqa: E731
+    s = spec
+    return (s["x"], body, s["weights"], s["biases"], s["gammas"], s["betas"], pick(s["running_means"]),
+            pick(s["running_vars"]), s["seeds"], s["has_bias"], s["has_gamma"], s["has_beta"], s["bn_modes"],
+            s["acts"], s["slopes"], s["drop_ps"], s["eps"], s["syncs"])
+
+
+SAMPLES = {
+    "transposed_x": lambda: _spec(torch.randn(8, 21).t(), [10, 5], [BATCH, NO_BN], ["relu", "none"]),
+    "strided_x_last_act": lambda: _spec(torch.randn(21, 16)[:, ::2], [9, 4], [BATCH, BATCH], ["relu", "relu"],
+                                        cumulative=True),
+    "fixed_no_bias": lambda: _spec(torch.randn(19, 7), [10, 3], [FIXED, NO_BN], ["relu", "none"], bias=False),
+    "no_affine": lambda: _spec(torch.randn(19, 7), [10, 3], [BATCH, FIXED], ["relu", "relu"], affine=False),
+    "untracked": lambda: _spec(torch.randn(19, 7), [10, 3], [BATCH, NO_BN], ["relu", "none"], tracked=[False, False]),
+    "gelu_leaky_dropout": lambda: _spec(torch.randn(19, 7), [10, 3], [BATCH, NO_BN], ["gelu", "leaky_relu"],
+                                        slopes=[0.0, 0.1], drop_ps=[0.3, 0.2]),
 }
 
 
-@pytest.mark.parametrize("sample", FORWARD_SAMPLES)
-def test_opcheck_forward_backward(kernel_device, sample):
-    """chain_forward with its autograd, then chain_backward on the saved tensors."""
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_opcheck(kernel_device, sample):
+    """chain_body on the blocks up to the last tracked one, chain_forward with its autograd on
+    the rest, then chain_backward on the saved tensors."""
     with kernel_device:
-        args = FORWARD_SAMPLES[sample]()
-        grad_out = torch.randn(args[1][-1].shape[0], args[0].shape[0]).t()  # non-contiguous too
-    args[0].requires_grad_()
+        spec = SAMPLES[sample]()
+        grad_out = torch.randn(spec["weights"][-1].shape[0], spec["x"].shape[0]).t()  # non-contiguous too
+    spec["x"].requires_grad_()
+    n = max((i + 1 for i, t in enumerate(spec["tracked"]) if t), default=0)
+    body = []
+    if n:
+        body = ops.new_saved(spec["x"], spec["weights"][:n], spec["bn_modes"][:n])
+        spec.update(zs=body[0::2], vecs=body[1::2])
+        names = ["x", "zs", "vecs", "weights", "biases", "gammas", "betas", "running_means", "running_vars", "num_batches",
+                 "seeds", "has_bias", "has_gamma", "has_beta", "bn_modes", "tracked", "acts", "slopes", "drop_ps",
+                 "eps", "momentums", "cumulative", "syncs"]
+        per_block = {"weights", "has_bias", "has_gamma", "has_beta", "bn_modes", "tracked", "acts", "slopes",
+                     "drop_ps", "eps", "momentums", "cumulative", "syncs"}
+        detach = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731 (it runs under no_grad)
+        args = [spec[k][:n] if k in per_block else spec[k] for k in names]
+        args = [[detach(a) for a in arg] if isinstance(arg, list) else detach(arg) for arg in args]
+        torch.library.opcheck(chain_body, tuple(args))
+        with torch.no_grad():
+            chain_body(*args)
+    args = _forward_args(spec, body)
     torch.library.opcheck(chain_forward, args)
-    x, weights, _, _, _, _, _, seeds, has_bias, _, _, modes, acts, slopes, drop_ps, _, syncs = args
     with torch.no_grad():
         res = chain_forward(*args)
-    detached = [w.detach() for w in weights]
+    saved = body + res[1:]
+    s = spec
     for input_grad in (True, False):
-        torch.library.opcheck(chain_backward, (grad_out, x.detach(), detached, res[1:], seeds, modes, acts, slopes,
-                                               drop_ps, has_bias, syncs, input_grad))
-
-
-def test_opcheck_infer(kernel_device):
-    with kernel_device:
-        args = (torch.randn(6, 17).t(), [torch.randn(10, 6), torch.randn(4, 10)], [torch.randn(10), None],
-                [torch.rand(10) + 0.5, None], [None, None], [torch.randn(10), None], [torch.rand(10) + 0.5, None],
-                [ACTIVATIONS["relu"], ACTIVATIONS["none"]], [0.0, 0.0], [1e-5, 0.0])
-    torch.library.opcheck(chain_infer, args)
-
-
-@pytest.mark.parametrize("cumulative", [False, True])
-def test_opcheck_update_running_stats(kernel_device, cumulative):
-    n = [5, 3]
-    with kernel_device:
-        args = ([torch.randn(k) for k in n], [torch.rand(k) + 0.5 for k in n],
-                [torch.tensor(3), torch.tensor(0)], [torch.randn(k) for k in n], [torch.rand(k) for k in n],
-                [0.1, 0.3], [cumulative, False])
-    torch.library.opcheck(update_running_stats, args)
+        torch.library.opcheck(chain_backward, (
+            grad_out, s["x"].detach(), [w.detach() for w in s["weights"]], saved,
+            [g.detach() for g in s["gammas"]], [b.detach() for b in s["betas"]], s["seeds"], s["has_gamma"],
+            s["has_beta"], s["bn_modes"], s["acts"], s["slopes"], s["drop_ps"], s["has_bias"], s["syncs"],
+            input_grad))

@@ -1,0 +1,146 @@
+"""Device launches per training step, and dwfast's host time per step, on any machine.
+
+    python -m bench.launches [--depth 8 --width 256 --batch 4096 --dtype bf16 --no-batchnorm ...]
+
+A training step here is a model's forward and backward (`model(x).backward(grad)`), the loss
+and the optimizer aside (they cost every implementation the same). Two counts per step:
+- Triton kernels: dwfast's, recorded by the stand-in GPU (bench/standin.py) while the step runs
+  down the kernel path: each launch compiled for sm_90 as a real launch is, then dropped.
+- PyTorch ops that launch a kernel on a GPU: every ATen op the step dispatches, autograd's own
+  included (zeros for gradients, sums, casts), seen by a TorchDispatchMode; allocations, views
+  and metadata ops launch nothing and are not counted. Eager PyTorch runs for real on the CPU,
+  where it dispatches the ops it would on a GPU (most launch one kernel each; a few, like
+  BatchNorm's backward, launch more, so eager's count is a lower bound).
+Host time: dwfast's step under the stand-in, where a launch costs its Python and Triton work up
+to the driver call (a real launch adds the driver's own few microseconds). These are counts and
+host times, not GPU timings.
+
+Runs in a process without Triton's interpreter (``TRITON_INTERPRET`` unset).
+"""
+import argparse
+import copy
+import time
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dwfast
+from bench.standin import standin_gpu
+
+# ATen ops that launch no kernel: allocation and metadata. (Views are recognised by their schema.)
+_NO_LAUNCH = {"empty", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "set_",
+              "resize_", "_local_scalar_dense", "is_same_size", "_has_compatible_shallow_copy_type"}
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside it that would launch a kernel on a GPU; dwfast's
+    custom ops are not counted (their kernels are counted as Triton launches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        namespace, _, op = name.partition("::")
+        if namespace == "aten" and not func.is_view and op not in _NO_LAUNCH:
+            self.ops[op] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Step(NamedTuple):
+    """One training step's launches: Triton kernels and PyTorch ops, by name."""
+    triton: Counter
+    torch: Counter
+
+    @property
+    def total(self) -> int:
+        return sum(self.triton.values()) + sum(self.torch.values())
+
+
+def _step(model, x, grad):
+    model(x).backward(grad)
+
+
+def eager_step(model, x, grad) -> Step:
+    """The launches of one eager training step of `model` (run for real, on x's device)."""
+    _step(model, x, grad)  # warm-up: optimizer-free, but materialises .grad as a real step would
+    with _Ops() as ops:
+        _step(model, x, grad)
+    return Step(Counter(), ops.ops)
+
+
+def dwfast_step(model, x, grad) -> Step:
+    """The launches of one dwfast training step of `model` on the stand-in GPU (CPU tensors)."""
+    with standin_gpu() as gpu:
+        _step(model, x, grad)  # warm-up: compiles every kernel
+        del gpu.launches[:]
+        with _Ops() as ops:
+            _step(model, x, grad)
+        return Step(Counter(launch.name for launch in gpu.launches), ops.ops)
+
+
+def dwfast_host_us(model, x, grad, steps: int = 20) -> float:
+    """Median host microseconds of one dwfast training step on the stand-in GPU."""
+    times = []
+    with standin_gpu():
+        for _ in range(steps + 2):
+            t0 = time.perf_counter()
+            _step(model, x, grad)
+            times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[len(times[2:]) // 2] * 1e6
+
+
+def model_and_data(depth, width, batch, in_features, out_features, batchnorm, dropout, dtype):
+    """A dwfast.MLP of `depth` hidden blocks of `width`, an unfused copy, an input and a grad."""
+    torch.manual_seed(0)
+    fused = dwfast.MLP(in_features, [width] * depth, out_features, batchnorm=batchnorm, dropout=dropout).to(dtype)
+    eager = dwfast.unfuse(copy.deepcopy(fused))
+    x = torch.randn(batch, in_features, dtype=dtype)
+    grad = torch.randn(batch, out_features, dtype=dtype)
+    return fused, eager, x, grad
+
+
+def _table(title, step: Step, blocks: int):
+    lines = [f"{title}: {step.total} launches per step, {step.total / blocks:.2f} per block "
+             f"({sum(step.triton.values())} Triton kernels, {sum(step.torch.values())} PyTorch ops)"]
+    for kind, counts in (("triton", step.triton), ("torch", step.torch)):
+        for name, n in counts.most_common():
+            lines.append(f"  {kind:6s} {n:4d}  {name}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.launches", description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=8, help="hidden Linear-BatchNorm-ReLU blocks (default 8)")
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4096, help="dwfast's batch (eager runs 64 rows: same launches)")
+    p.add_argument("--in-features", type=int, default=128)
+    p.add_argument("--out-features", type=int, default=16)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    p.add_argument("--no-batchnorm", action="store_true")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=20, help="steps timed for host time (median)")
+    args = p.parse_args(argv)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    spec = (args.depth, args.width, args.batch, args.in_features, args.out_features, not args.no_batchnorm,
+            args.dropout, dtype)
+    fused, _, x, grad = model_and_data(*spec)
+    eager = model_and_data(*spec[:2], 64, *spec[3:])[1]
+    blocks = args.depth + 1
+    print(f"MLP {args.in_features} -> {args.depth} x {args.width} -> {args.out_features}, "
+          f"{'BatchNorm, ' if not args.no_batchnorm else ''}ReLU{f', dropout {args.dropout}' if args.dropout else ''}"
+          f", batch {args.batch}, {args.dtype}: {blocks} Linear blocks. One training step (forward + backward), "
+          "counted on the CPU (no GPU timings).")
+    print(_table("eager", eager_step(eager, x[:64].float().to(dtype), grad[:64]), blocks))
+    dw = dwfast_step(fused, x, grad)
+    print(_table("dwfast", dw, blocks))
+    us = dwfast_host_us(fused, x, grad, args.steps)
+    print(f"dwfast host time: {us:.0f} us per step, {us / max(dw.total, 1):.1f} us per launch "
+          "(stand-in GPU: Python and Triton work up to the driver call)")
+
+
+if __name__ == "__main__":
+    main()

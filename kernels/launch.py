@@ -1,0 +1,82 @@
+"""Launching dwfast's kernels for a few microseconds of host time, and their ticket counters.
+
+`kernel[grid](*args)` binds and specialises every argument again on each call, then checks
+every global the kernel reads: about 100 us of Python for a 30-argument kernel on a slow CPU.
+A narrow-deep MLP launches two kernels per block per step, so that alone would make training
+CPU-bound. `run` keeps, per kernel, the compiled kernel of each argument signature it has seen
+(Triton's own specialisation: dtypes, 16-byte alignment of pointers, integers equal to 1 or
+divisible by 16, None) and launches it through its handle directly. The first call of a
+signature goes through Triton as usual, which compiles (or loads from its cache) and launches.
+
+Under Triton's interpreter, or with a launch hook installed (a profiler), every launch goes
+through Triton.
+"""
+import os
+
+import torch
+import triton
+from triton import knobs
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_compiled = {}
+
+
+def _signature(args) -> tuple:
+    """What Triton specialises a launch on, per runtime argument (see the module docstring)."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or a is None or isinstance(a, float):
+            sig.append(a if a is None or isinstance(a, bool) else 0.5)
+        else:
+            sig.append((a == 1) + 2 * (a % 16 == 0) + 4 * (a >= 2 ** 31))
+    return tuple(sig)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host (triton.cdiv is a constexpr function: slow to call here)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for the host."""
+    return 1 << (n - 1).bit_length()
+
+
+def _hooked() -> bool:
+    """Whether a launch hook is installed (a HookChain with calls in triton >= 3.6, else set)."""
+    hook = knobs.runtime.launch_enter_hook
+    return bool(getattr(hook, "calls", hook))
+
+
+def run(kernel, grid, args, consts, num_warps: int, num_stages: int):
+    """Launch `kernel` on `grid` (3 ints) with runtime `args` followed by its constexpr `consts`,
+    both in the kernel's parameter order (runtime parameters first)."""
+    if _INTERPRET or _hooked():
+        kernel[grid](*args, *consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
+    key = (kernel, device, consts, num_warps, num_stages, _signature(args))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        _compiled[key] = kernel[grid](*args, *consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *consts)
+
+
+_tickets = {}
+
+
+def tickets(device: torch.device, count: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least `count` ticket counters for kernels on `device`'s
+    current stream. Kernels reset every counter they use before they end, so one buffer serves
+    every launch in stream order (and every replay of a captured CUDA graph)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _tickets.get((device, stream))
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
+        _tickets[(device, stream)] = buf
+    return buf
