@@ -15,9 +15,9 @@ from torch import Tensor
 
 from . import distributed as D
 from . import kernels as K
-from .chain import Block, act_spec, autocast_dtype, uses_batch_stats
+from . import reference as R
+from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, uses_batch_stats
 
-NO_BN, BATCH, FIXED = 0, 1, 2
 _PER_BLOCK = 6  # chain_forward outputs per block: z, mean, var, rstd, scale, shift
 
 
@@ -169,9 +169,10 @@ def _(grad_out, x, weights, saved, seeds, bn_modes, acts, slopes, drop_ps, has_b
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, _, gammas, betas, _, _, seeds, has_bias, has_gamma, has_beta, bn_modes, acts, slopes, drop_ps, _, \
-        syncs = inputs
-    ctx.save_for_backward(x, seeds, *weights, *output[1:])
+    x, weights, biases, gammas, betas, _, _, seeds, has_bias, has_gamma, has_beta, bn_modes, acts, slopes, drop_ps, \
+        eps, syncs = inputs
+    ctx.save_for_backward(x, seeds, *weights, *output[1:], *biases, *gammas, *betas)  # the last three: R.vjp's
+    ctx.eps = eps
     ctx.acts, ctx.slopes, ctx.drop_ps, ctx.syncs = acts, slopes, drop_ps, syncs
     ctx.gamma_dtypes, ctx.beta_dtypes = [g.dtype for g in gammas], [b.dtype for b in betas]
     ctx.num_blocks = len(weights)
@@ -183,7 +184,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     x, seeds, *rest = ctx.saved_tensors
     L = ctx.num_blocks
-    weights, saved = rest[:L], rest[L:]
+    weights, saved, params = rest[:L], rest[L:L + _PER_BLOCK * L], rest[L + _PER_BLOCK * L:]
+    if R.differentiable(grads[0]):  # create_graph=True or batched: chain_backward has no autograd
+        return _reference_backward(ctx, grads[0], x, seeds, list(weights), saved, params)
     out = chain_backward(grads[0], x, list(weights), list(saved), seeds, ctx.bn_modes, ctx.acts, ctx.slopes,
                          ctx.drop_ps, ctx.has_bias, ctx.syncs, ctx.needs_input_grad[0])
     per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
@@ -195,6 +198,25 @@ def _backward(ctx, grads):
     d_x = out[0] if ctx.needs_input_grad[0] else None
     no_stats = [None] * ctx.num_fixed
     return (d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats, None) + (None,) * 9  # seeds, the flag lists
+
+
+def _reference_backward(ctx, grad, x, seeds, weights, saved, params):
+    """_backward's result from a differentiable recomputation (dwfast.reference). The saved
+    mean and var of a FIXED block are its running statistics (detached: they are this op's
+    outputs, and autograd would come back here through them)."""
+    nb, ng = sum(ctx.has_bias), sum(ctx.has_gamma)
+    biases, gammas, betas = list(params[:nb]), list(params[nb:nb + ng]), list(params[nb + ng:])
+    stats = [[t.detach() for t in saved[i * _PER_BLOCK + 1:i * _PER_BLOCK + 3]] if m == FIXED else (None, None)
+             for i, m in enumerate(ctx.bn_modes)]
+    run_means, run_vars = [s[0] for s in stats], [s[1] for s in stats]
+
+    def forward(x, weights, biases, gammas, betas):
+        return R.chain_reference(x, weights, _expand(biases, ctx.has_bias), _expand(gammas, ctx.has_gamma),
+                                 _expand(betas, ctx.has_beta), run_means, run_vars, seeds, ctx.bn_modes, ctx.acts,
+                                 ctx.slopes, ctx.drop_ps, ctx.eps)
+    d_x, d_w, d_b, d_gamma, d_beta = R.vjp(forward, [x, weights, biases, gammas, betas], grad)
+    no_stats = [None] * ctx.num_fixed
+    return (d_x, d_w, d_b, d_gamma, d_beta, no_stats, no_stats, None) + (None,) * 9
 
 
 chain_forward.register_autograd(_backward, setup_context=_setup_context)
