@@ -26,11 +26,12 @@ def _linear_dtype(t: torch.Tensor, low: Optional[torch.dtype]) -> torch.dtype:
 
 
 def _check_eps(bn: nn.Module) -> None:
-    """F.batch_norm's eps check, whichever torch version runs: F.batch_norm itself on an empty
-    meta input (it checks before computing). Non-positive eps only: the check's rule has
-    changed between torch versions, a positive one passes all of them."""
+    """F.batch_norm's eps check, whichever torch version runs: F.batch_norm itself on meta
+    tensors (it checks before computing, and meta tensors compute nothing). Non-positive eps
+    only: the rule has changed between torch versions, a positive one passes all of them."""
     if bn.eps <= 0:
-        F.batch_norm(torch.empty(2, 1, device="meta"), None, None, training=uses_batch_stats(bn), eps=bn.eps)
+        x, stats = torch.empty(2, 1, device="meta"), torch.empty(1, device="meta")
+        F.batch_norm(x, stats, stats, training=uses_batch_stats(bn), eps=bn.eps)
 
 
 def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
