@@ -204,6 +204,8 @@ def _reference_backward(ctx, grad, x, seeds, weights, saved, params):
     """_backward's result from a differentiable recomputation (dwfast.reference). The saved
     mean and var of a FIXED block are its running statistics (detached: they are this op's
     outputs, and autograd would come back here through them)."""
+    if any(ctx.syncs):  # as eager SyncBatchNorm, whose backward has no derivative either
+        raise NotImplementedError("dwfast: no double backward or batched gradients through synchronised BatchNorm")
     nb, ng = sum(ctx.has_bias), sum(ctx.has_gamma)
     biases, gammas, betas = list(params[:nb]), list(params[nb:nb + ng]), list(params[nb + ng:])
     stats = [[t.detach() for t in saved[i * _PER_BLOCK + 1:i * _PER_BLOCK + 3]] if m == FIXED else (None, None)
