@@ -108,9 +108,10 @@ def transformed() -> bool:
 
 def vjp(fn: Callable[..., Tensor], inputs: Sequence, grad: Tensor) -> List:
     """``fn(*inputs)``'s vector-Jacobian product with `grad`, as a structure like `inputs`
-    (each entry a tensor, a list of tensors, or anything else, passed through): the gradient
-    of each tensor that requires grad, None for everything else. A tensor listed twice (a weight shared by two
-    Linears) gets its whole gradient once, at its first place, as autograd sums the places.
+    (each entry a tensor, a list of tensors, or anything else, passed through to `fn`): the
+    gradient of each tensor that requires grad, None for everything else. A tensor listed
+    twice (a weight shared by two Linears) gets its whole gradient at its first place only,
+    since autograd sums the places.
 
     With grad mode on (``create_graph=True`` around the caller) the result has a graph, so
     it can be differentiated again; `grad` may be batched.
@@ -121,7 +122,9 @@ def vjp(fn: Callable[..., Tensor], inputs: Sequence, grad: Tensor) -> List:
     # autocast off: the fused op got tensors already cast, and the reference keeps their dtypes
     with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
         out = fn(*inputs)
-    found = iter(torch.autograd.grad(out, wrt, grad, create_graph=create_graph, allow_unused=True))
+    found = torch.autograd.grad(out, wrt, grad, create_graph=create_graph, allow_unused=True)
     grads = {id(t): g for t, g in zip(wrt, found)}
-    pick = (lambda t: grads.pop(id(t), None))
+
+    def pick(t):
+        return grads.pop(id(t), None) if isinstance(t, Tensor) else None
     return [[pick(t) for t in e] if isinstance(e, (list, tuple)) else pick(e) for e in inputs]

@@ -193,6 +193,7 @@ def test_attributes_read_at_every_call(kernel_device, fused_ops):
         ("momentum=None, eps", lambda m: (setattr(m[bn2], "momentum", None), setattr(m[bn2], "eps", 1e-2)), True),
         ("no running statistics in eval: batch statistics",
          lambda m: (setattr(m[bn1], "running_mean", None), setattr(m[bn1], "running_var", None)), True),
+        ("affine=False: forward reads weight, not affine", lambda m: setattr(m[bn2], "affine", False), True),
         ("weight=None", lambda m: setattr(m[bn2], "weight", None), True),
         ("slope, dropout p", lambda m: (setattr(m[2], "negative_slope", 0.3), setattr(m[3], "p", 0.5)), True),
         ("num_batches_tracked=None", lambda m: setattr(m[bn2], "num_batches_tracked", None), False),
