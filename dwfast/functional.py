@@ -86,6 +86,8 @@ def _fusable(x: torch.Tensor, blocks: List[Block]) -> bool:
     low = autocast_dtype(x)
     if x.dim() != 2 or x.shape[0] == 0 or x.dtype not in _FLOATS or low not in (None, torch.float16, torch.bfloat16):
         return False
+    # not while torch.compile traces: functorch's interpreter stack then reads as non-empty,
+    # and dynamo handles torch.func itself
     if not torch.compiler.is_compiling() and reference.transformed():
         return False
     dtypes = _FLOATS if low is not None else (x.dtype,)
