@@ -18,6 +18,9 @@ from . import distributed
 # The activation modules a block can end on, exact types (a subclass may change forward).
 ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh)
 
+# A block's BatchNorm mode, as the custom ops take it: none, batch statistics, running statistics.
+NO_BN, BATCH, FIXED = 0, 1, 2
+
 
 class Block(NamedTuple):
     """One fusable block: ``linear``, then optionally ``bn``, the activation module ``act``
@@ -80,7 +83,20 @@ def _batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
 
 
 def uses_batch_stats(bn: nn.BatchNorm1d) -> bool:
-    return bn.training or bn.running_mean is None
+    """Whether `bn` normalises with batch statistics in this call, read as ``_BatchNorm.forward``
+    reads it: in training, or without running statistics."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def updates_running_stats(bn: nn.BatchNorm1d) -> bool:
+    """Whether this call of `bn` updates ``running_mean`` / ``running_var`` (eager passes them to
+    F.batch_norm in training only with ``track_running_stats``)."""
+    return bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
+def counts_batches(bn: nn.BatchNorm1d) -> bool:
+    """Whether this call of `bn` bumps ``num_batches_tracked``."""
+    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:

@@ -1,19 +1,21 @@
 """The fused chain as a function: validation and dispatch, the top of dwfast's layers.
 
 :func:`fused_chain` is what the modules call; it takes the modules themselves so every
-BatchNorm option (``training``, ``momentum=None``, ``affine=False``,
-``track_running_stats=False``, ``eps``) is read exactly as eager reads it, then runs the
-chain through the whole-net op (``dwfast.whole_net``), the per-layer ops (``dwfast.ops``) or
-the eager reference (``dwfast.chain.eager_chain``).
+BatchNorm attribute that ``_BatchNorm.forward`` reads (``training``,
+``track_running_stats``, ``momentum``, ``eps``, ``running_mean``/``running_var``/
+``num_batches_tracked`` being None, ``weight``/``bias``) is read at every call, exactly as
+eager reads it, then runs the chain through the whole-net op (``dwfast.whole_net``), the
+per-layer ops (``dwfast.ops``) or the eager reference (``dwfast.chain.eager_chain``).
 """
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import ops, whole_net
+from . import ops, reference, whole_net
 from .backend import get_whole_net, resolve_backend
-from .chain import Block, autocast_dtype, eager_chain, uses_batch_stats
+from .chain import Block, autocast_dtype, counts_batches, eager_chain, updates_running_stats, uses_batch_stats
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the kernels run
 
@@ -23,42 +25,76 @@ def _linear_dtype(t: torch.Tensor, low: Optional[torch.dtype]) -> torch.dtype:
     return low if low is not None and t.dtype in _FLOATS else t.dtype
 
 
+def _check_eps(bn: nn.Module) -> None:
+    """F.batch_norm's eps check, whichever torch version runs: F.batch_norm itself on meta
+    tensors (it checks before computing, and meta tensors compute nothing). Non-positive eps
+    only: the rule has changed between torch versions, a positive one passes all of them."""
+    if bn.eps <= 0:
+        x, stats = torch.empty(2, 1, device="meta"), torch.empty(1, device="meta")
+        F.batch_norm(x, stats, stats, training=uses_batch_stats(bn), eps=bn.eps)
+
+
 def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
-    """Raise what eager would raise, before any state changes."""
-    width = x.shape[-1]
-    for blk in blocks:
-        w = blk.linear.weight
-        if w.shape[1] != width:
-            raise RuntimeError(
-                f"mat1 and mat2 shapes cannot be multiplied ({x.shape[0]}x{width} and {w.shape[1]}x{w.shape[0]})")
-        width = w.shape[0]
-    w = blocks[0].linear.weight
-    low = autocast_dtype(x)
-    if _linear_dtype(x, low) != _linear_dtype(w, low):
-        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {w.dtype}: "
-                           f"cast the input with x.to({w.dtype}) or the model with model.to({x.dtype})")
-    if x.device != w.device:
-        raise RuntimeError(f"Expected all tensors to be on the same device, but got input on {x.device} "
-                           f"and parameters on {w.device}: move one with .to(device)")
-    if x.shape[0] == 1 and any(b.bn is not None and uses_batch_stats(b.bn) for b in blocks):
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    """Raise what eager would raise, before any state changes (eager's BatchNorm bumps
+    ``num_batches_tracked`` before its checks, and earlier blocks update their statistics)."""
+    if x.dim() == 2:
+        width = x.shape[-1]
+        for blk in blocks:
+            w = blk.linear.weight
+            if w.shape[1] != width:
+                raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied "
+                                   f"({x.shape[0]}x{width} and {w.shape[1]}x{w.shape[0]})")
+            width = w.shape[0]
+        w = blocks[0].linear.weight
+        low = autocast_dtype(x)
+        if _linear_dtype(x, low) != _linear_dtype(w, low):
+            # only float dtypes are worth suggesting for the model
+            model_hint = f" or the model with model.to({x.dtype})" if x.dtype.is_floating_point else ""
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {w.dtype}: "
+                               f"cast the input with x.to({w.dtype}){model_hint}")
+        if x.device != w.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but got input on {x.device} "
+                               f"and parameters on {w.device}: move one with .to(device)")
+    for blk in blocks:  # block by block, as eager meets them: batch size first, then eps
+        if blk.bn is None:
+            continue
+        if x.dim() == 2 and x.shape[0] == 1 and uses_batch_stats(blk.bn):
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        _check_eps(blk.bn)
+
+
+def _ops_follow(bn: nn.Module) -> bool:
+    """Whether the ops read `bn`'s state as eager does. They update the running statistics and
+    num_batches_tracked together, in training whenever running_mean is set; eager's
+    ``track_running_stats`` flag (settable after construction) and a missing buffer can
+    split those, and running_mean without running_var is an error in eager."""
+    ops_update = bn.training and bn.running_mean is not None
+    return ((bn.running_mean is None) == (bn.running_var is None)
+            and updates_running_stats(bn) == ops_update and counts_batches(bn) == ops_update)
 
 
 def _fusable(x: torch.Tensor, blocks: List[Block]) -> bool:
-    """Shapes and options the kernels handle; everything else runs the eager path unchanged.
+    """Shapes, options and states the kernels handle; everything else runs the eager path
+    unchanged.
 
     Outside autocast every tensor has ``x``'s dtype. Under autocast (fp16 or bf16) any of
     fp16 / bf16 / fp32 will do: the Linears are cast to autocast's dtype and BatchNorm's
-    tensors are read as they are, in fp32, as eager does.
+    tensors are read as they are, in fp32, as eager does. Under a functorch transform
+    (``torch.func.grad``, ``vmap``, ``jacrev``, ...) or forward-mode AD the chain runs
+    eagerly: the ops have no batching rules or forward derivatives.
     """
     low = autocast_dtype(x)
     if x.dim() != 2 or x.shape[0] == 0 or x.dtype not in _FLOATS or low not in (None, torch.float16, torch.bfloat16):
+        return False
+    # not while torch.compile traces: functorch's interpreter stack then reads as non-empty,
+    # and dynamo handles torch.func itself
+    if not torch.compiler.is_compiling() and reference.transformed():
         return False
     dtypes = _FLOATS if low is not None else (x.dtype,)
     for blk in blocks:
         tensors = [blk.linear.weight, blk.linear.bias]
         if blk.bn is not None:
-            if type(blk.bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm):
+            if type(blk.bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm) or not _ops_follow(blk.bn):
                 return False
             tensors += [blk.bn.weight, blk.bn.bias, blk.bn.running_mean, blk.bn.running_var]
         if any(t is not None and (t.dtype not in dtypes or t.device != x.device) for t in tensors):
@@ -71,14 +107,13 @@ def fused_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
 
     Returns the last block's output. Updates BatchNorm running statistics and
     ``num_batches_tracked`` as eager does. Raises ``RuntimeError`` for a wrong input width,
-    dtype or device and ``ValueError`` for a batch of one with batch statistics, before
-    touching any state. Inputs the kernels don't handle (not 2-D, empty, other dtypes)
-    run through eager PyTorch. Under ``torch.autocast`` it follows eager's autocast (see
+    dtype or device and ``ValueError`` for a batch of one with batch statistics or an eps
+    that F.batch_norm refuses, before touching any state. Inputs the kernels don't handle
+    (not 2-D, empty, other dtypes, functorch transforms) run through eager PyTorch. Under ``torch.autocast`` it follows eager's autocast (see
     :func:`dwfast.ops.chain`); it traces under ``torch.compile(fullgraph=True)``, also with
     ``BatchNorm1d(momentum=None)``.
     """
-    if x.dim() == 2:
-        _validate(x, blocks)
+    _validate(x, blocks)
     if not _fusable(x, blocks):
         return eager_chain(x, blocks)
     backend = resolve_backend(x.device)

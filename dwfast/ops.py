@@ -20,9 +20,10 @@ from torch import Tensor
 
 from . import distributed as D
 from . import kernels as K
-from .chain import Block, act_spec, autocast_dtype, uses_batch_stats
+from . import reference as R
+from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, uses_batch_stats
 
-NO_BN, BATCH, FIXED = K.NO_BN, K.BATCH, K.FIXED
+assert (NO_BN, BATCH, FIXED) == (K.NO_BN, K.BATCH, K.FIXED)
 _PER_BLOCK = 2  # saved tensors per block: z, vec
 
 
@@ -251,23 +252,31 @@ def _(grad_out, x, weights, saved, gammas, betas, seeds, has_gamma, has_beta, bn
 
 
 def _setup_context(ctx, inputs, output):
-    (x, body, weights, _, gammas, betas, _, _, seeds, has_bias, has_gamma, has_beta, bn_modes, acts, slopes, drop_ps,
-     _, syncs) = inputs
-    ctx.save_for_backward(x, seeds, *weights, *gammas, *betas, *body, *output[1:])
+    (x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, has_bias, has_gamma, has_beta,
+     bn_modes, acts, slopes, drop_ps, eps, syncs) = inputs
+    # biases and the FIXED blocks' running statistics: for the differentiable recomputation only
+    ctx.save_for_backward(x, seeds, *weights, *gammas, *betas, *biases, *running_means, *running_vars, *body,
+                          *output[1:])
     ctx.set_materialize_grads(False)  # the saved outputs take no gradient: no zeros for them
-    ctx.acts, ctx.slopes, ctx.drop_ps, ctx.syncs = acts, slopes, drop_ps, syncs
+    ctx.acts, ctx.slopes, ctx.drop_ps, ctx.eps, ctx.syncs = acts, slopes, drop_ps, eps, syncs
     ctx.has_bias, ctx.has_gamma, ctx.has_beta, ctx.bn_modes = has_bias, has_gamma, has_beta, bn_modes
-    ctx.sizes = len(body), len(weights), len(gammas), len(betas), len(inputs[6])
+    ctx.sizes = len(body), len(weights), len(biases), len(gammas), len(betas), len(running_means)
 
 
 def _backward(ctx, grads):
-    n_body, L, n_gamma, n_beta, n_fixed = ctx.sizes
+    n_body, L, n_bias, n_gamma, n_beta, n_fixed = ctx.sizes
     grad_out = grads[0]
     if grad_out is None:
         return (None,) * 18
     x, seeds, *rest = ctx.saved_tensors
-    weights, rest = rest[:L], rest[L:]
-    gammas, betas, saved = rest[:n_gamma], rest[n_gamma:n_gamma + n_beta], rest[n_gamma + n_beta:]
+    sizes = [L, n_gamma, n_beta, n_bias, n_fixed, n_fixed]
+    weights, gammas, betas, biases, running_means, running_vars = (
+        list(rest[sum(sizes[:i]):sum(sizes[:i + 1])]) for i in range(len(sizes)))
+    saved = rest[sum(sizes):]
+    if R.differentiable(grad_out):  # create_graph=True or batched: chain_backward has no autograd
+        d_x, d_w, d_b, d_gamma, d_beta = _reference_backward(ctx, grad_out, x, seeds, weights, biases, gammas, betas,
+                                                             running_means, running_vars)
+        return (d_x, [None] * n_body, d_w, d_b, d_gamma, d_beta, [None] * n_fixed, [None] * n_fixed) + (None,) * 10
     out = chain_backward(grad_out, x, list(weights), list(saved), list(gammas), list(betas), seeds, ctx.has_gamma,
                          ctx.has_beta, ctx.bn_modes, ctx.acts, ctx.slopes, ctx.drop_ps, ctx.has_bias, ctx.syncs,
                          ctx.needs_input_grad[0])
@@ -279,6 +288,20 @@ def _backward(ctx, grads):
     d_x = out[0] if ctx.needs_input_grad[0] else None
     # x, body, weights, biases, gammas, betas, running_means, running_vars, then seeds and the flag lists
     return (d_x, [None] * n_body, d_w, d_b, d_gamma, d_beta, [None] * n_fixed, [None] * n_fixed) + (None,) * 10
+
+
+def _reference_backward(ctx, grad, x, seeds, weights, biases, gammas, betas, running_means, running_vars):
+    """(d_x, d_w, d_b, d_gamma, d_beta) from a differentiable recomputation (dwfast.reference)."""
+    if any(ctx.syncs):  # as eager SyncBatchNorm, whose backward has no derivative either
+        raise NotImplementedError("dwfast: no double backward or batched gradients through synchronised BatchNorm")
+    fixed = [m == FIXED for m in ctx.bn_modes]
+    run_means, run_vars = _expand(running_means, fixed), _expand(running_vars, fixed)
+
+    def forward(x, weights, biases, gammas, betas):
+        return R.chain_reference(x, weights, _expand(biases, ctx.has_bias), _expand(gammas, ctx.has_gamma),
+                                 _expand(betas, ctx.has_beta), run_means, run_vars, seeds, ctx.bn_modes, ctx.acts,
+                                 ctx.slopes, ctx.drop_ps, ctx.eps)
+    return R.vjp(forward, [x, weights, biases, gammas, betas], grad)
 
 
 chain_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import reference as R
 from .chain import Block, uses_batch_stats
 from .kernels.fused_mlp import mlp_bwd, mlp_fwd
 
@@ -109,14 +110,17 @@ def _(grad_out, x, z, out, w_in, w_hid, w_out, hid_relu, out_relu, input_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_in, w_hid, w_out, _b_hid, _b_out, hid_relu, out_relu = inputs
+    x, w_in, w_hid, w_out, b_hid, b_out, hid_relu, out_relu = inputs
     out, z = output
-    ctx.save_for_backward(x, z, out, w_in, w_hid, w_out)
+    ctx.save_for_backward(x, z, out, w_in, w_hid, w_out, b_hid, b_out)  # the biases: for R.vjp
     ctx.hid_relu, ctx.out_relu = hid_relu, out_relu
 
 
 def _backward(ctx, grad_out, _grad_z):
-    x, z, out, w_in, w_hid, w_out = ctx.saved_tensors
+    x, z, out, w_in, w_hid, w_out, b_hid, b_out = ctx.saved_tensors
+    if R.differentiable(grad_out):  # create_graph=True or batched: mlp_backward has no autograd
+        grads = R.vjp(R.mlp_reference, [x, w_in, w_hid, w_out, b_hid, b_out, ctx.hid_relu, ctx.out_relu], grad_out)
+        return (*grads[:6], None, None)
     input_grad = ctx.needs_input_grad[0]
     grad_x, *grads = mlp_backward(grad_out, x, z, out, w_in, w_hid, w_out, ctx.hid_relu, ctx.out_relu, input_grad)
     return (grad_x if input_grad else None, *grads, None, None)

@@ -87,6 +87,13 @@ def _tanh(y):
 
 
 @triton.jit
+def _times_cdf(y, cdf):
+    """y * cdf, with cdf a distribution function of y (GELU, SiLU): its limit 0 where cdf is
+    0 (y = -inf, or so negative that cdf underflows), not -inf * 0 = NaN."""
+    return tl.where(cdf == 0.0, 0.0, y * cdf)
+
+
+@triton.jit
 def _act_fn(y, slope, ACT: tl.constexpr):
     """act(y) in fp32."""
     if ACT == ACT_RELU:
@@ -94,11 +101,11 @@ def _act_fn(y, slope, ACT: tl.constexpr):
     elif ACT == ACT_LEAKY_RELU:
         y = tl.where(y < 0.0, y * slope, y)
     elif ACT == ACT_GELU:
-        y = 0.5 * y * (1.0 + tl.math.erf(y * SQRT_1_2))
+        y = _times_cdf(y, 0.5 * (1.0 + tl.math.erf(y * SQRT_1_2)))
     elif ACT == ACT_GELU_TANH:
-        y = 0.5 * y * (1.0 + _tanh((y + 0.044715 * y * y * y) * SQRT_2_PI))
+        y = _times_cdf(y, 0.5 * (1.0 + _tanh((y + 0.044715 * y * y * y) * SQRT_2_PI)))
     elif ACT == ACT_SILU:
-        y = y * tl.sigmoid(y)
+        y = _times_cdf(y, tl.sigmoid(y))
     elif ACT == ACT_TANH:
         y = _tanh(y)
     return y
@@ -709,7 +716,7 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     part_in = torch.empty((2, dx_row_tiles, K), device=dev, dtype=torch.float32) if in_bn != NO_BN else None
     dgamma = torch.empty_like(norm_in.gamma) if in_bn != NO_BN and norm_in.gamma is not None else None
     dbeta = torch.empty_like(norm_in.beta) if in_bn != NO_BN and norm_in.beta is not None else None
-    dw = torch.empty_like(weight)
+    dw = torch.empty(weight.shape, device=dev, dtype=weight.dtype)  # contiguous, as the kernel writes it
     db = torch.empty(N, device=dev, dtype=weight.dtype) if has_bias else None
     dw_part = torch.empty((splits, N, K), device=dev, dtype=torch.float32) if splits > 1 else None
     db_part = torch.empty((splits, N), device=dev, dtype=torch.float32) if splits > 1 and has_bias else None

@@ -141,3 +141,19 @@ def test_synchronised_training_matches_single_process(backend, how):
     nn.SyncBatchNorm children), trained on 2 ranks, equals one process training the
     BatchNorm1d model on the concatenated batch."""
     spawn(_ddp_worker, backend, how)
+
+
+def _double_backward_worker(rank):
+    import dwfast
+    dwfast.set_backend("interpret")
+    fused = dwfast.fuse(_model(sync_module=True))
+    x, rows = _batch(rows=(16, 16))
+    x = ((x - 100) / 3)[sum(rows[:rank]):sum(rows[:rank + 1])].requires_grad_()
+    with pytest.raises(NotImplementedError, match="synchronised BatchNorm"):
+        torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+
+
+def test_no_double_backward_through_synchronised_batchnorm():
+    """create_graph=True through synchronised statistics raises, as eager SyncBatchNorm's
+    backward (no derivative of its own) fails, rather than differentiate local statistics."""
+    spawn(_double_backward_worker)

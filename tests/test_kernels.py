@@ -2,7 +2,8 @@
 
 Three-way rule (flash-attention's tests): the fused result's error against an fp64 eager
 reference must be at most twice eager PyTorch's own error in the same dtype, plus a small
-atol scaled by the reference's magnitude. Runs the kernels through Triton's interpreter on
+atol scaled by the reference's magnitude. The rule is flip-aware: a ReLU decision at a
+pre-activation within rounding of 0 may go either way (see `compare`). Runs the kernels through Triton's interpreter on
 the CPU (or on a GPU with DWFAST_TEST_GPU=1).
 """
 import copy
@@ -90,8 +91,15 @@ def _seeded(device, fn, *args):
         return fn(*args)
 
 
-def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, steps=1):
-    """Run `blocks` fused in `dtype`, eager in `dtype` and eager in fp64; check the rule."""
+def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, steps=1, fused_fn=fused_chain):
+    """Run `blocks` fused (`fused_fn`) in `dtype`, eager in `dtype` and eager in fp64; check the
+    rule on the last step.
+
+    Flip-aware: where a ReLU's pre-activation lies within rounding of 0, the fused path and
+    fp64 may decide differently, and one flipped decision moves the gradients by O(1). When
+    the rule fails, it is checked again against an fp64 run that takes the fused path's own
+    decisions (:func:`fused_masks`), which may differ from fp64's only near 0 (:class:`Masked`).
+    """
     fused, eager, ref = cast(blocks, dtype, device), cast(blocks, dtype, device), cast(blocks, torch.float64, device)
     for bs in (fused, eager, ref):
         set_training(bs, training)
@@ -102,14 +110,58 @@ def compare(blocks, x, dtype, device, *, training=True, grad=True, x_grad=True, 
     for _ in range(steps):
         xs = x if steps == 1 else torch.randn_like(x)
         grad_out = torch.randn(x.shape[0], width) if grad else None
+        before = copy.deepcopy((fused, ref))  # the runs update BatchNorm statistics and .grad
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             # the same seed before each: the same dropout masks (conftest's kernel_mask_dropout)
-            got = _seeded(device, run, fused_chain, fused, xs.to(device, dtype), grad_out, x_grad)
+            got = _seeded(device, run, fused_fn, fused, xs.to(device, dtype), grad_out, x_grad)
             same = _seeded(device, run, eager_chain, eager, xs.to(device, dtype), grad_out, x_grad)
             want = _seeded(device, run, eager_chain, ref, xs.to(device, torch.float64), grad_out, x_grad)
-    assert_three_way(got, same, want, dtype, _bias_scales(want))
+    try:
+        assert_three_way(got, same, want, dtype, _bias_scales(want))
+    except AssertionError:
+        masks = fused_masks(fused_fn, before[0], xs.to(device, dtype), grad, x_grad, device)
+        if not any(m is not None for m in masks):
+            raise
+        masked = [b if m is None else b._replace(act=Masked(b.act, m, ATOL[dtype])) for b, m in zip(before[1], masks)]
+        with ctx:
+            want = _seeded(device, run, eager_chain, masked, xs.to(device, torch.float64), grad_out, x_grad)
+        assert_three_way(got, same, want, dtype, _bias_scales(want))
     return got
+
+
+def fused_masks(fused_fn, blocks, x, grad, x_grad, device):
+    """Per block, where the fused path finds the pre-activation of its ReLU / LeakyReLU > 0
+    (None for other blocks): the output of a fused run of the chain up to that block, without
+    its activation and Dropout, on copies (their own statistics), from the same seed (the
+    same dropout masks upstream) and in the same grad mode (the same kernels)."""
+    masks = []
+    for i, b in enumerate(blocks):
+        if type(b.act) not in (nn.ReLU, nn.LeakyReLU):
+            masks.append(None)
+            continue
+        prefix = copy.deepcopy(blocks[:i + 1])
+        prefix[-1] = prefix[-1]._replace(act=None, dropout=None)
+        with torch.enable_grad() if grad else torch.no_grad():
+            y = _seeded(device, fused_fn, x.detach().clone().requires_grad_(x_grad), prefix)
+        masks.append(y.detach() > 0)
+    return masks
+
+
+class Masked(nn.Module):
+    """A ReLU / LeakyReLU that takes its decisions (y > 0) from `keep`, and checks that they
+    differ from y's own only where |y| <= atol * (1 + max |y|): rounding's reach, not a bug's."""
+
+    def __init__(self, act, keep, atol):
+        super().__init__()
+        self.slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
+        self.keep, self.atol = keep, atol
+
+    def forward(self, y):
+        flipped = self.keep != (y > 0)
+        reach = self.atol * (1 + y.abs().max().item())
+        assert (y[flipped].abs() <= reach).all(), f"a ReLU decision differs at |y| = {y[flipped].abs().max():.3g}"
+        return torch.where(self.keep, y, y * self.slope)
 
 
 def assert_three_way(got, same, want, dtype, scales=None):
@@ -249,6 +301,32 @@ def test_backward_is_deterministic(kernel_device):
         grads.append([b.linear.weight.grad.clone() for b in blocks])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("at,flip_allowed", [(2.0 ** -18, True), (0.5, False)])
+def test_rule_is_flip_aware(at, flip_allowed):
+    """A stand-in for the fused path that decides one ReLU the other way, at a pre-activation
+    `at` from 0 (exact in every dtype and summation order: dyadic weights, x[0] = 1). The
+    decision moves dW by O(1) either way; within rounding of 0 the rule accepts it, at 0.5 it
+    is a bug."""
+    blocks = make_chain(6, [8, 3], bn=False)
+    x = torch.randn(20, 6)
+    x[0] = 1.0
+    with torch.no_grad():
+        blocks[0].linear.weight[0] = torch.tensor([0.25, -0.5, 0.125, 0.75, -0.25, 0.5])
+        blocks[0].linear.bias[0] = at - 0.875
+
+    def flipped(x, blocks):  # z[0, 0] = at becomes -at, so its ReLU decides the other way
+        first = blocks[0]
+        shift = torch.zeros(x.shape[0], 8, dtype=x.dtype)
+        shift[0, 0] = 2 * at
+        return eager_chain(x, [first._replace(linear=lambda h: first.linear(h) - shift), *blocks[1:]])
+
+    if flip_allowed:
+        compare(blocks, x, torch.float32, "cpu", fused_fn=flipped)
+    else:
+        with pytest.raises(AssertionError, match="decision differs"):
+            compare(blocks, x, torch.float32, "cpu", fused_fn=flipped)
 
 
 _COMPILE_SM90 = """

@@ -198,6 +198,15 @@ def test_bad_input_raises_and_changes_nothing(backend, case):
         plain_mlp(6, [8, 8], 2)(x)
 
 
+@pytest.mark.parametrize("dtype,hint", [(torch.int64, "x.to(torch.float32)"),
+                                         (torch.float64, "x.to(torch.float32) or the model with model.to(torch.float64)")])
+def test_dtype_error_suggests_float_dtypes(backend, dtype, hint):
+    """The dtype error's hint: cast the input, or the model only to a float dtype."""
+    with pytest.raises(RuntimeError, match="must have the same dtype") as info:
+        MLP(6, [8], 2)(torch.ones(16, 6, dtype=dtype))
+    assert str(info.value).endswith(hint)
+
+
 def test_error_in_a_later_layer_changes_no_state(backend):
     # Eager would update the first BN before failing at the second Linear; a fused run checks first.
     model = FusedSequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(9, 2))
