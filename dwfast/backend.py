@@ -27,8 +27,12 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The selected backend name (``DWFAST_BACKEND`` if :func:`set_backend` was never called)."""
-    return _backend if _backend is not None else _check(os.environ.get("DWFAST_BACKEND", "auto"))
+    """The selected backend name (``DWFAST_BACKEND`` if :func:`set_backend` was never called;
+    read once: it costs microseconds, and this runs on every forward)."""
+    global _backend
+    if _backend is None:
+        _backend = _check(os.environ.get("DWFAST_BACKEND", "auto"))
+    return _backend
 
 
 # True while a stand-in GPU is active (bench/standin.py): CPU tensors then take the triton
@@ -75,5 +79,9 @@ def set_whole_net(mode: str) -> None:
 
 
 def get_whole_net() -> str:
-    """The whole-net mode (``DWFAST_WHOLE_NET`` if :func:`set_whole_net` was never called)."""
-    return _whole_net if _whole_net is not None else _check_whole_net(os.environ.get("DWFAST_WHOLE_NET", "auto"))
+    """The whole-net mode (``DWFAST_WHOLE_NET`` if :func:`set_whole_net` was never called; read
+    once)."""
+    global _whole_net
+    if _whole_net is None:
+        _whole_net = _check_whole_net(os.environ.get("DWFAST_WHOLE_NET", "auto"))
+    return _whole_net

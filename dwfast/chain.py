@@ -51,7 +51,7 @@ def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     for blk in blocks:
         x = blk.linear(x)
         if blk.bn is not None:
-            x = _batch_norm(blk.bn, x)
+            x = batch_norm(blk.bn, x)
         if blk.act is not None:
             x = blk.act(x)
         if blk.dropout is not None:
@@ -59,7 +59,7 @@ def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     return x
 
 
-def _batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     """``bn(x)``, except under torch.compile for a cumulative average (``momentum=None``) in
     training: eager's ``1.0 / float(num_batches_tracked)`` is data dependent and breaks
     ``fullgraph=True`` (pytorch#194504), so the factor stays a tensor here. Eager runs keep
@@ -105,7 +105,7 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
     """Whether calling ``m`` would run forward/backward hooks, which a fused run would skip."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 or _module._global_forward_hooks or _module._global_forward_pre_hooks
@@ -115,7 +115,7 @@ def _has_hooks(m: nn.Module) -> bool:
 def _is(m, cls) -> bool:
     # Exact type: subclasses (SyncBatchNorm, LazyLinear, parametrized or user subclasses) may
     # change forward, so they run as ordinary modules. Hooked modules do too, so hooks still fire.
-    return type(m) is cls and not _has_hooks(m)
+    return type(m) is cls and not has_hooks(m)
 
 
 def plan(children: Sequence[nn.Module]) -> List[Union[nn.Module, List[Block]]]:

@@ -65,12 +65,10 @@ def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
 
 def _ops_follow(bn: nn.Module) -> bool:
     """Whether the ops read `bn`'s state as eager does. They update the running statistics and
-    num_batches_tracked together, in training whenever running_mean is set; eager's
-    ``track_running_stats`` flag (settable after construction) and a missing buffer can
-    split those, and running_mean without running_var is an error in eager."""
-    ops_update = bn.training and bn.running_mean is not None
+    num_batches_tracked together (`updates_running_stats`); a missing buffer can split those in
+    eager, and running_mean without running_var is an error there."""
     return ((bn.running_mean is None) == (bn.running_var is None)
-            and updates_running_stats(bn) == ops_update and counts_batches(bn) == ops_update)
+            and updates_running_stats(bn) == counts_batches(bn))
 
 
 def _fusable(x: torch.Tensor, blocks: List[Block]) -> bool:

@@ -11,8 +11,10 @@ from typing import List, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .chain import plan
+from .backend import resolve_backend
+from .chain import batch_norm, has_hooks, plan
 from .functional import fused_chain
 
 
@@ -26,6 +28,13 @@ class FusedSequential(nn.Sequential):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if resolve_backend(input.device) == "torch" and not torch.compiler.is_compiling():
+            # The reference backend is eager PyTorch: run the children as nn.Sequential does,
+            # without planning, so that fusing costs nothing there (BatchNorm as eager_chain runs it).
+            for module in self._modules.values():
+                fused_bn = isinstance(module, _BatchNorm) and not has_hooks(module)
+                input = batch_norm(module, input) if fused_bn else module(input)
+            return input
         for step in plan(list(self._modules.values())):
             input = fused_chain(input, step) if isinstance(step, list) else step(input)
         return input

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import distributed as D
 from . import kernels as K
 from . import reference as R
-from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, uses_batch_stats
+from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, updates_running_stats, uses_batch_stats
 
 assert (NO_BN, BATCH, FIXED) == (K.NO_BN, K.BATCH, K.FIXED)
 _PER_BLOCK = 2  # saved tensors per block: z, vec
@@ -318,11 +318,6 @@ def _present(tensors, keep=None):
     return [t for i, t in enumerate(tensors) if t is not None and (keep is None or keep[i])]
 
 
-def _tracked(bn) -> bool:
-    """Whether a BatchNorm updates its running statistics in this call, as eager decides."""
-    return bn.training and bn.track_running_stats and bn.running_mean is not None
-
-
 def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     """Run `blocks` on `x` through the custom ops (inputs already validated).
 
@@ -357,11 +352,12 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     eps = [float(bn.eps) if bn is not None else 0.0 for bn in bns]
     syncs = [D.group_id(bn) if D.needs_sync(bn) else 0 for bn in bns]
     x = lin_cast(x)
-    seeds = torch.cat([draw_seed(x.device) for p in drop_ps if p > 0] or [x.new_empty(0, dtype=torch.int64)])
+    seeds = [draw_seed(x.device) for p in drop_ps if p > 0]
+    seeds = torch.cat(seeds) if seeds else x.new_empty(0, dtype=torch.int64)  # (cat: one launch, with dropout)
     flags = ([b is not None for b in biases], [g is not None for g in gammas], [b is not None for b in betas])
 
     # the blocks up to the last one that updates running statistics run in chain_body
-    tracked = [bn is not None and modes[i] == BATCH and _tracked(bn) for i, bn in enumerate(bns)]
+    tracked = [bn is not None and updates_running_stats(bn) for bn in bns]
     n = max([i + 1 for i, t in enumerate(tracked) if t] or [0])
     body = new_saved(x, weights[:n], modes[:n])
     if n:

@@ -221,6 +221,13 @@ BN_PARTIALS = tl.constexpr(3)  # batch statistics left as partials: merged acros
 
 
 @triton.jit
+def _wide(n):
+    """n as an int64 scalar: an integer argument may arrive as a constexpr (Triton specialises
+    the value 1), which has no .to()."""
+    return n + tl.zeros((), dtype=tl.int64)
+
+
+@triton.jit
 def _gemm_core(
     # A [M, K] (and, in the A_GRAD modes, the z of the same shape and strides) and its transform:
     # an activation site (A_ACT_K) or a BatchNorm backward (A_GRAD_*: u, v from a_uv)
@@ -442,7 +449,7 @@ def _dw_program(
     d_offs = offs_m.to(tl.int64)[:, None] * K + offs_n[None, :]
     mask_db = offs_m < tl.where(tile % col_tiles == 0, N, 0)  # the first column tile sums db
     if SPLIT:
-        plane = N.to(tl.int64) * K
+        plane = _wide(N) * K
         tl.store(dw_part_ptr + split * plane + d_offs, acc, mask=mask)
         if HAS_BIAS:
             tl.store(db_part_ptr + split * N + offs_m, row_sum, mask=mask_db)
@@ -471,12 +478,11 @@ def _linear_bwd_kernel(
     # BatchNorm gradients
     x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
     in_dgamma_ptr, in_dbeta_ptr, in_uv_ptr,
-    # dX outputs: g_y_{l-1} [M, K] (contiguous) and its partials [2, row_tiles, K]
-    g_in_ptr, g_part_ptr,
-    # dW outputs: dW [N, K], db [N] and, split over the batch, fp32 partials [splits, N, K], [splits, N]
-    dw_ptr, db_ptr, dw_part_ptr, db_part_ptr,
-    # ticket counters: the dX column tiles', then the dW tiles'
-    ticket_ptr,
+    # outputs: g_y_{l-1} [M, K] (contiguous), dW [N, K], db [N]
+    g_in_ptr, dw_ptr, db_ptr,
+    # fp32 scratch: dW's split partials [splits, N, K] and db's [splits, N] (with SPLIT), then the
+    # dX programs' partials [2, row_tiles, K]; ticket counters: the dX column tiles', then dW's
+    scratch_ptr, ticket_ptr,
     # sizes: M = batch, N = out_features, K = in_features; the first DX_PROGRAMS programs do dX
     M, N, K, ROWS_PER_SPLIT, DX_PROGRAMS,
     # meta-parameters
@@ -489,6 +495,11 @@ def _linear_bwd_kernel(
 ):
     """One block's backward: the dX programs, then the dW programs (module docstring)."""
     pid = tl.program_id(0)
+    dw_part_ptr = scratch_ptr
+    db_part_ptr = scratch_ptr + tl.cdiv(M, ROWS_PER_SPLIT) * _wide(N) * K
+    g_part_ptr = scratch_ptr
+    if SPLIT:
+        g_part_ptr = db_part_ptr + tl.cdiv(M, ROWS_PER_SPLIT) * N
     if pid < DX_PROGRAMS:
         _dx_program(
             pid, g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
@@ -661,7 +672,7 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
     block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, x.dtype)
     grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
     mode = norm.mode
-    part = torch.empty((3, grid[0], N), device=x.device, dtype=torch.float32) if mode in (BATCH, PARTIALS) else None
+    part = launch.scratch(x.device, 3 * grid[0] * N) if mode in (BATCH, PARTIALS) else None
     ticket = launch.tickets(x.device, grid[1] + 1) if mode == BATCH else None
     running = mode == BATCH and norm.running_mean is not None
     launch.run(
@@ -675,7 +686,7 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
          block_m, block_n, block_k, _precision(x.dtype)),
         num_warps, num_stages,
     )
-    return z, ((part, block_m) if mode == PARTIALS else None)
+    return z, ((part[:3 * grid[0] * N].view(3, grid[0], N), block_m) if mode == PARTIALS else None)
 
 
 def _batch_splits(B: int, tiles: int, block_k: int) -> int:
@@ -713,20 +724,19 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
 
     g_in = torch.empty((B, K), device=dev, dtype=g_y.dtype) if input_grad else None
     in_bn = norm_in.mode if input_grad else NO_BN
-    part_in = torch.empty((2, dx_row_tiles, K), device=dev, dtype=torch.float32) if in_bn != NO_BN else None
     dgamma = torch.empty_like(norm_in.gamma) if in_bn != NO_BN and norm_in.gamma is not None else None
     dbeta = torch.empty_like(norm_in.beta) if in_bn != NO_BN and norm_in.beta is not None else None
     dw = torch.empty(weight.shape, device=dev, dtype=weight.dtype)  # contiguous, as the kernel writes it
     db = torch.empty(N, device=dev, dtype=weight.dtype) if has_bias else None
-    dw_part = torch.empty((splits, N, K), device=dev, dtype=torch.float32) if splits > 1 else None
-    db_part = torch.empty((splits, N), device=dev, dtype=torch.float32) if splits > 1 and has_bias else None
+    dw_scratch = splits * N * (K + 1) if splits > 1 else 0
+    scratch = launch.scratch(dev, dw_scratch + (2 * dx_row_tiles * K if in_bn != NO_BN else 0))
     dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
     launch.run(
         _linear_bwd_kernel, (dx_programs + dw_tiles * splits, 1, 1),
         (g_y, z, norm.vec, norm.uv, weight, weight.stride(0), weight.stride(1),
          x, x.stride(0), x.stride(1), *_site(site_in), dgamma, dbeta, norm_in.uv if in_bn != NO_BN else None,
          g_in if input_grad else g_y,  # (g_y: a stand-in, never written without dX programs)
-         part_in, dw, db, dw_part, db_part, launch.tickets(dev, dx_col_tiles + dw_tiles),
+         dw, db, scratch, launch.tickets(dev, dx_col_tiles + dw_tiles),
          B, N, K, rows_per_split, dx_programs),
         (norm.mode != NO_BN, norm.mode in (BATCH, PARTIALS),
          A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
@@ -734,7 +744,9 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
          dx_m, dx_n, dx_k, dw_m, dw_n, dw_k, _precision(g_y.dtype)),
         num_warps, num_stages,
     )
-    return g_in, dw, db, dgamma, dbeta, (part_in if in_bn == PARTIALS else None)
+    part_in = scratch[dw_scratch:dw_scratch + 2 * dx_row_tiles * K].view(2, dx_row_tiles, K) if in_bn == PARTIALS \
+        else None
+    return g_in, dw, db, dgamma, dbeta, part_in
 
 
 def _elementwise_tiles(M: int, N: int):
@@ -763,7 +775,7 @@ def act_bwd(grad, z, site: Site, norm: Norm):
     block_m, block_n = _elementwise_tiles(M, N)
     grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
     bn = norm.mode
-    part = torch.empty((2, grid[0], N), device=grad.device, dtype=torch.float32) if bn != NO_BN else None
+    part = launch.scratch(grad.device, 2 * grid[0] * N) if bn != NO_BN else None
     dgamma = torch.empty_like(norm.gamma) if bn != NO_BN and norm.gamma is not None else None
     dbeta = torch.empty_like(norm.beta) if bn != NO_BN and norm.beta is not None else None
     launch.run(
@@ -773,7 +785,7 @@ def act_bwd(grad, z, site: Site, norm: Norm):
          launch.tickets(grad.device, grid[1]), M, N),
         (bn, dgamma is not None, dbeta is not None, int(site.act), site.drop_p > 0, block_m, block_n), 4, 1,
     )
-    return g_y, dgamma, dbeta, (part if bn == PARTIALS else None)
+    return g_y, dgamma, dbeta, (part[:2 * grid[0] * N].view(2, grid[0], N) if bn == PARTIALS else None)
 
 
 def dropout_scale(seed, M: int, N: int, p: float):

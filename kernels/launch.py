@@ -67,16 +67,27 @@ def run(kernel, grid, args, consts, num_warps: int, num_stages: int):
                  compiled.packed_metadata, None, None, None, *args, *consts)
 
 
-_tickets = {}
+# Per (device, stream) buffers that live as long as the process: launches on one stream run one
+# after another, so each can use them whole (and so can every replay of a captured CUDA graph).
+_buffers = {}
+
+
+def _buffer(kind: str, device: torch.device, count: int, make) -> torch.Tensor:
+    stream = triton.runtime.driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
+    buf = _buffers.get((kind, device, stream))
+    if buf is None or buf.numel() < count:
+        buf = make(max(count, 1024))
+        _buffers[(kind, device, stream)] = buf
+    return buf
 
 
 def tickets(device: torch.device, count: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least `count` ticket counters for kernels on `device`'s
-    current stream. Kernels reset every counter they use before they end, so one buffer serves
-    every launch in stream order (and every replay of a captured CUDA graph)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _tickets.get((device, stream))
-    if buf is None or buf.numel() < count:
-        buf = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
-        _tickets[(device, stream)] = buf
-    return buf
+    """A zeroed int32 buffer of at least `count` ticket counters. Kernels reset every counter
+    they use before they end, so the buffer is zero again for the next launch."""
+    return _buffer("tickets", device, count, lambda n: torch.zeros(n, device=device, dtype=torch.int32))
+
+
+def scratch(device: torch.device, count: int) -> torch.Tensor:
+    """An fp32 buffer of at least `count` elements for a launch's own partial results (written
+    and read within the launch, or read by the host right after it)."""
+    return _buffer("scratch", device, count, lambda n: torch.empty(n, device=device, dtype=torch.float32))
