@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
                "  python -m bench gpu /tmp/kit --dry-run\n\nExit status 1: an implementation failed.")
     sub = top.add_subparsers(dest="command")
 
-    sw = sub.add_parser("sweep", help="time eager, torch.compile and dwfast side by side (default)",
+    sw = sub.add_parser("sweep", help="time eager, torch.compile and dwfast side by side (the default)",
                         description="Time every implementation on budgets x depths x batches x dtypes x "
                                     "modes; print a table, write a JSON record and PNG plots. "
                                     "Unset options take the device's defaults.")
@@ -79,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
                                              "CUDA, bench/results/cpu/ on the CPU)")
     sw.add_argument("--no-plots", action="store_true", help="the JSON record only")
 
-    rp = sub.add_parser("report", help="regenerate bench/REPORT.md and its figures from JSON records",
+    rp = sub.add_parser("report", help="write a report and its figures from JSON records (bench/REPORT.md "
+                                       "from GPU records)",
                         description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     rp.add_argument("paths", nargs="*", type=Path,
                     help="record files or folders, searched recursively (default: see above)")

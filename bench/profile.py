@@ -36,6 +36,7 @@ from . import device as dev
 from . import models, records
 
 STEPS = 3  # wait, warmup, active
+KERNEL_KEYS = ("CPU", "CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional")
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_"}
 # Lines the profiler's C++ side writes to stderr on every start and stop.
 PROFILER_CHATTER = ("USDT:", "STAGE:")
@@ -48,25 +49,29 @@ def _sync(device):
 
 @functools.lru_cache(maxsize=None)
 def does_work(name: str) -> bool:
-    """Whether the CPU op called ``name`` (``aten::addmm``) runs a kernel of its own: it has a
-    CPU kernel registered and is neither a view (its result aliases an input) nor an allocation."""
+    """Whether the CPU op called ``name`` (``aten::addmm``) runs a kernel of its own: one of its
+    overloads has a CPU kernel (or one for every backend) and is not a view (a result aliasing an
+    input without writing it); allocations don't count either."""
     if not name.startswith("aten::") or name[6:] in ALLOCATIONS:
         return False
     packet = getattr(torch.ops.aten, name[6:], None)
     if packet is None:
         return False
-    kernel = view = False
     for overload in packet.overloads():
         schema = getattr(packet, overload)._schema
+        if any(arg.is_out for arg in schema.arguments):  # out= variants: another registration
+            continue
         alias = schema.returns[0].alias_info if schema.returns else None
-        view = view or (alias is not None and not alias.is_write)
-        kernel = kernel or _has_cpu_kernel(name if overload == "default" else f"{name}.{overload}")
-    return kernel and not view
+        view = alias is not None and not alias.is_write
+        if not view and _has_cpu_kernel(name if overload == "default" else f"{name}.{overload}"):
+            return True
+    return False
 
 
 def _has_cpu_kernel(qualified: str) -> bool:
+    """A CPU kernel, or one for every backend (``copy_``); not a composite of other ops."""
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU")
+        return any(torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key) for key in KERNEL_KEYS)
     except RuntimeError:  # an overload TorchScript knows but the dispatcher does not (copy_.Tensor)
         return False
 

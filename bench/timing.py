@@ -23,6 +23,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _StepFailed(Exception):
+    def __init__(self, name: str, exc: BaseException):
+        super().__init__(name)
+        self.name, self.exc = name, exc
+
+
+def _run(name: str, step: Callable[[], None]) -> None:
+    try:
+        step()
+    except Exception as exc:  # which implementation failed matters more than where
+        raise _StepFailed(name, exc) from exc
+
+
 def interleaved(steps: Dict[str, Callable[[], None]], device: torch.device, warmup_ms: float = 25.0,
                 rep_ms: float = 100.0, min_reps: int = 5) -> Tuple[Dict[str, List[float]], Dict[str, BaseException]]:
     """Time every ``steps[name]()`` in rotating rounds; returns ``(times, errors)``.
@@ -41,19 +54,6 @@ def interleaved(steps: Dict[str, Callable[[], None]], device: torch.device, warm
             errors[failed.name] = failed.exc
             del steps[failed.name]
     return {}, errors
-
-
-class _StepFailed(Exception):
-    def __init__(self, name: str, exc: BaseException):
-        super().__init__(name)
-        self.name, self.exc = name, exc
-
-
-def _run(name: str, step: Callable[[], None]) -> None:
-    try:
-        step()
-    except Exception as exc:  # which implementation failed matters more than where
-        raise _StepFailed(name, exc) from exc
 
 
 def _rounds(steps, device, warmup_ms, rep_ms, min_reps) -> Dict[str, List[float]]:
