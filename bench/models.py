@@ -90,6 +90,16 @@ def step_flops(model: nn.Module, batch: int, mode: str) -> int:
     return 3 * forward if mode == "train" else forward
 
 
+def forget_compiled() -> None:
+    """Drop every compiled model (dynamo's caches, CUDA-graph trees and their memory).
+
+    Call it before building the implementations of a configuration, never between them: a
+    compiled model built before it would compile again when next called. Without it dynamo's
+    recompile limit on ``nn.Sequential.forward`` would, after a few configurations, silently
+    run later ones eagerly. Inductor's on-disk caches still serve shapes compiled before."""
+    torch._dynamo.reset()
+
+
 def build(impl: str, reference: nn.Module) -> nn.Module:
     """A fresh ``impl`` module with the reference's parameters and buffers (fp32).
 
@@ -100,15 +110,12 @@ def build(impl: str, reference: nn.Module) -> nn.Module:
     if impl == "eager":
         return eager
     if impl in _COMPILE_MODES:
-        # A fresh cache per model: every configuration compiles anew, and dynamo's recompile
-        # limit on nn.Sequential.forward never silently sends later configurations to eager.
-        # Inductor's on-disk caches still serve shapes compiled before (train then infer).
-        torch._dynamo.reset()
         if next(reference.parameters()).device.type == "cpu":
             # Inductor's background compile workers would share the few CPU cores with the
             # timed loop (timings 100x off were seen on 2 cores); compile in-process instead.
             inductor_config.compile_threads = 1
-        return torch.compile(eager, mode=_COMPILE_MODES[impl])
+        # Static shapes, as each model is compiled once for its one batch size.
+        return torch.compile(eager, mode=_COMPILE_MODES[impl], dynamic=False)
     raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
 
 

@@ -202,6 +202,7 @@ def main(argv=None) -> int:
             console.print(f"{impl}: n/a ({reason})")
             continue
         try:
+            models.forget_compiled()
             step, _ = models.make_step(impl, reference, args.mode, models.DTYPES[dtype_name], x, target)
             for _ in range(STEPS):
                 step()

@@ -114,6 +114,7 @@ def measure(impls: List[str], reference: torch.nn.Module, mode: str, dtype_name:
     dtype, device = models.DTYPES[dtype_name], x.device
     recs = {impl: _blank(impl, mode, dtype) for impl in impls}
     steps = {}
+    models.forget_compiled()
     for impl in impls:
         reason = models.not_applicable(impl, device)
         if reason:

@@ -43,6 +43,7 @@ def test_step(benchmark, impl, shape):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, FEATURES, generator=gen).to(DEVICE)
     target = torch.randn(batch, 1, generator=gen).to(DEVICE)
+    models.forget_compiled()
     step, label = models.make_step(impl, reference, mode, models.DTYPES[DTYPE], x, target)
     for _ in range(models.WARMUP_STEPS):  # compilation and autotuning stay out of the measurement
         step()

@@ -53,3 +53,22 @@ def test_plots_show_width_of_each_depth():
     fig.canvas.draw()
     assert [t.get_text() for t in top.get_xticklabels()] == ["758", "161", "75"]
     plt.close(fig)
+
+
+def test_compiled_siblings_compile_once():
+    """Two compiled implementations of one configuration compile once each: building the second
+    must not send the first back to the compiler inside the timed loop."""
+    from torch._dynamo.utils import counters
+    from bench import models
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = models.reference_model(128, 2e4, 1, 1, 0, torch.device("cpu"))
+        x, target = torch.randn(32, 128), torch.randn(32, 1)
+        before = counters["stats"]["unique_graphs"]
+        recs = sweep.measure(["compile", "compile-max-autotune"], reference, "infer", "fp32", x, target, 1.0, 5.0,
+                             "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert counters["stats"]["unique_graphs"] - before == 2
