@@ -11,7 +11,6 @@ import argparse
 import copy
 
 import torch
-from torch import nn
 
 import dwfast
 
