@@ -1,7 +1,7 @@
 """``python -m bench [sweep|report|study|gpu]``: see ``python -m bench --help``.
 
 Exit status: 0; 1 when an implementation failed in a sweep (or a step of the GPU kit failed);
-2 for bad arguments.
+2 for bad arguments; 130 when stopped with Ctrl-C (a sweep's record keeps what it measured).
 """
 import argparse
 import sys
@@ -173,7 +173,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     console = Console()
     run = {"sweep": run_sweep, "study": run_study, "report": run_report, "gpu": gpu.run}[args.command]
-    return run(args, console)
+    try:
+        return run(args, console)
+    except KeyboardInterrupt:  # what was measured is already saved (and said so)
+        return 130
 
 
 if __name__ == "__main__":

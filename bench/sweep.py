@@ -37,12 +37,14 @@ SPEEDUP_NOTE = ("'dwfast ×' = this implementation's time / dwfast's, 'graphs ×
                 "rounds' ratios ± half their 20-80% range.")
 UNTIMED_STEPS = models.WARMUP_STEPS
 # Rough costs for sizing a sweep before it runs (seconds): a compile per implementation and
-# device, and the host time per Linear layer of a train / infer step, which dominates
-# narrow-deep nets.
+# device; the host time per Linear layer of a train / infer step, which dominates narrow-deep
+# nets; and the passes over each layer's B x width activations (BatchNorm, ReLU, their
+# backward, the optimizer) besides the GEMMs.
 COMPILE_S = {"cpu": {"compile": 8.0, "compile-max-autotune": 10.0},
              "cuda": {"compile": 20.0, "compile-max-autotune": 60.0, "compile-graphs": 25.0,
                       "dwfast": 3.0, "dwfast-graphs": 3.0}}
 LAYER_S = {"cpu": {"train": 60e-6, "infer": 15e-6}, "cuda": {"train": 45e-6, "infer": 15e-6}}
+PASSES = {"train": 16, "infer": 4}
 LONG_CPU_S = 600.0  # a CPU sweep estimated past this is called sized for a GPU
 
 
@@ -169,15 +171,32 @@ def _gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
+def _copy_rate(device: torch.device) -> float:
+    """This device's bytes/s for a large fp32 copy, read and write counted (about 0.05 s)."""
+    a = torch.randn(2**22, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(4):
+        _sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best
+
+
 def estimate(cfg: SweepConfig, device: torch.device) -> List[float]:
     """Rough seconds each configuration of ``cfg`` will take on ``device``, in run order.
 
-    From a matmul rate measured now, the host cost per layer and per compile (``LAYER_S``,
-    ``COMPILE_S``) and the timing budget; models are sized on the ``meta`` device, so nothing
-    big is built. Good to a factor of about two: enough to tell minutes from hours.
+    From matmul and copy rates measured now, the host cost per layer and per compile
+    (``LAYER_S``, ``COMPILE_S``), the activation passes (``PASSES``) and the timing budget;
+    models are sized on the ``meta`` device, so nothing big is built. Good to a factor of a
+    few (seen on 2 CPU cores: 3x under for millisecond steps, 4x over for bf16 GEMMs): enough
+    to tell minutes from hours.
     """
     kind = "cuda" if device.type == "cuda" else "cpu"
     rates = {name: _gemm_rate(device, models.DTYPES[name]) for name in cfg.dtypes}
+    copy_rate = _copy_rate(device)
     impls = [i for i in cfg.impls if not models.not_applicable(i, device)]
     out = []
     for budget, depth, batch, dtype_name, mode in configurations(cfg):
@@ -188,7 +207,8 @@ def estimate(cfg: SweepConfig, device: torch.device) -> List[float]:
             out.append(0.0)
             continue
         step = (models.step_flops(model, batch, mode) / rates[dtype_name]
-                + len(models.linear_layers(model)) * LAYER_S[kind][mode])
+                + len(models.linear_layers(model)) * LAYER_S[kind][mode]
+                + depth * PASSES[mode] * batch * models.linear_layers(model)[0].out_features * 4 / copy_rate)
         rounds = max(5 * step * len(impls), cfg.rep_ms / 1e3 * len(impls))
         warm = max(step * len(impls), cfg.warmup_ms / 1e3)
         compiles = sum(COMPILE_S[kind].get(i, 0.0) for i in impls)
@@ -233,21 +253,27 @@ def run(cfg: SweepConfig, device: torch.device, console: Optional[Console] = Non
            "complete": False, "records": []}
     path = records.save(doc, out_dir) if out_dir is not None else None
     start, done_est = time.perf_counter(), 0.0
-    for k, ((budget, depth, batch, dtype_name, mode), guess) in enumerate(zip(configs, est), 1):
-        base = {"mode": mode, "dtype": dtype_name, "budget": budget, "depth": depth, "batch": batch}
-        elapsed = time.perf_counter() - start
-        pace = elapsed / done_est if done_est > 0 else 1.0  # how the estimate has held up so far
-        if cfg.time_limit_s is not None and elapsed + guess * pace > cfg.time_limit_s:
-            doc["records"] += [{**base, **_blank(i, mode, models.DTYPES[dtype_name]), "status": "skipped",
-                                "error": f"time limit {cfg.time_limit_s:.0f} s"} for i in cfg.impls]
-            console.print(f"{k}/{len(configs)} {_label(base)}: skipped (time limit)")
-            continue
-        doc["records"] += _configuration(cfg, base, device, env["device"])
-        done_est += guess
-        _print_line(console, k, len(configs), base, doc["records"][-len(cfg.impls):],
-                    time.perf_counter() - start, total)
+    try:
+        for k, ((budget, depth, batch, dtype_name, mode), guess) in enumerate(zip(configs, est), 1):
+            base = {"mode": mode, "dtype": dtype_name, "budget": budget, "depth": depth, "batch": batch}
+            elapsed = time.perf_counter() - start
+            pace = elapsed / done_est if done_est > 0 else 1.0  # how the estimate has held up so far
+            if cfg.time_limit_s is not None and elapsed + guess * pace > cfg.time_limit_s:
+                doc["records"] += [{**base, **_blank(i, mode, models.DTYPES[dtype_name]), "status": "skipped",
+                                    "error": f"time limit {cfg.time_limit_s:.0f} s"} for i in cfg.impls]
+                console.print(f"{k}/{len(configs)} {_label(base)}: skipped (time limit)")
+                continue
+            doc["records"] += _configuration(cfg, base, device, env["device"])
+            done_est += guess
+            _print_line(console, k, len(configs), base, doc["records"][-len(cfg.impls):],
+                        time.perf_counter() - start, total)
+            if path is not None:
+                records.write(doc, path)
+    except KeyboardInterrupt:
         if path is not None:
-            records.write(doc, path)
+            console.print(f"stopped; the record keeps what was measured: {path}", soft_wrap=True,
+                          highlight=False, markup=False)
+        raise
     doc["complete"] = True
     if path is not None:
         records.write(doc, path)
@@ -279,7 +305,7 @@ def _print_line(console: Console, k: int, n: int, base: dict, recs: List[dict], 
                 total: float) -> None:
     """One configuration's progress line, and a line per failure."""
     width = next((r["width"] for r in recs if r.get("width")), None)
-    times = ", ".join(f"{r['impl']} {r['median_ms']:.3g} ms" for r in recs if r["status"] == "ok")
+    times = ", ".join(f"{r['impl']} {ms_text(r['median_ms'])} ms" for r in recs if r["status"] == "ok")
     console.print(f"{k}/{n} {_label(base)} w={width}: {times or 'nothing timed'} "
                   f"[dim]({_minutes(elapsed)} of ~{_minutes(total)})[/]", highlight=False)
     for r in recs:
@@ -290,6 +316,11 @@ def _print_line(console: Console, k: int, n: int, base: dict, recs: List[dict], 
 def failures(doc: dict) -> List[dict]:
     """The records of implementations that failed (not those that don't apply or were skipped)."""
     return [r for r in doc["records"] if r.get("status") == "failed"]
+
+
+def ms_text(ms: float) -> str:
+    """Milliseconds in 3 significant digits, without an exponent."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
 def fmt(value, spec: str) -> str:
