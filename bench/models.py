@@ -36,7 +36,7 @@ import dwfast
 
 IMPLS = ("eager", "compile", "compile-max-autotune", "compile-graphs", "dwfast", "dwfast-graphs")
 FUSED = ("dwfast", "dwfast-graphs")  # the implementations compared with every other (baseline)
-CUDA_ONLY = ("compile-graphs", "dwfast-graphs")
+GRAPHS = ("compile-graphs", "dwfast-graphs")  # CUDA graphs: CUDA only
 MODES = ("train", "infer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune-no-cudagraphs",
@@ -46,7 +46,7 @@ WARMUP_STEPS = 3  # untimed steps before capture or timing: compilation, autotun
 
 def not_applicable(impl: str, device: torch.device) -> Optional[str]:
     """Why ``impl`` cannot run on ``device`` (shown as n/a, not a failure), or None."""
-    if impl in CUDA_ONLY and device.type != "cuda":
+    if impl in GRAPHS and device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     return None
 
@@ -154,7 +154,7 @@ def make_step(impl: str, reference: nn.Module, mode: str, dtype: torch.dtype,
     stay out of timed regions.
     """
     param_dtype, autocast_dtype, label = precision(impl, mode, dtype)
-    graphs = impl in CUDA_ONLY
+    graphs = impl in GRAPHS
     model = build(impl, reference).to(param_dtype)
     x, target = x.to(param_dtype), target.to(param_dtype)  # static: a graph replays on these
     autocast = _autocast(x.device, autocast_dtype, graphs)
