@@ -24,6 +24,8 @@ PEAKS = [
     ("A100", 312.0, 156.0, 19.5, 1.56),  # 40 GB parts
     ("L4", 121.0, 60.0, 30.0, 0.3),
 ]
+THREADS_HELP = ("CPU threads for torch (default 1: with more, a busy machine's other processes make "
+                "OpenMP timings swing 100x)")
 
 
 def pick_device(name: Optional[str] = None) -> torch.device:

@@ -6,11 +6,12 @@ GPU runs go to ``bench/results/`` (committed); CPU runs default to ``bench/resul
 (git-ignored), and ``--out`` sends either anywhere.
 """
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable, List
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -20,15 +21,22 @@ def default_out(device_type: str) -> Path:
 
 
 def save(doc: dict, out_dir: Path) -> Path:
-    """Write ``doc`` under ``out_dir`` (created if needed) and return the file's path."""
+    """Write ``doc`` under ``out_dir`` (created if needed) as
+    ``<timestamp>_<kind>_<device>.json``; returns the file's path."""
     env = doc["env"]
     stamp = env["timestamp"].replace(":", "").replace("-", "").split("+")[0]
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40] or env["device_type"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stamp}_{doc['kind']}_{slug}.json"
-    path.write_text(json.dumps(doc, indent=1))
-    return path
+    return write(doc, out_dir / f"{stamp}_{doc['kind']}_{slug}.json")
+
+
+def write(doc: dict, path: Path) -> Path:
+    """Write ``doc`` to ``path`` whole or not at all (a stopped run never leaves half a file)."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in doc.items() if k != "path"}, indent=1))
+    os.replace(tmp, path)
+    return Path(path)
 
 
 def load(paths: Iterable[Path]) -> List[dict]:

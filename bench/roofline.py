@@ -14,17 +14,19 @@ Arithmetic intensity is FLOPs / bytes = ``B W / (e (B + W/2))``, the same for bo
 Writes one PNG per mode and prints the table.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import dwfast
 
 from . import device as dev
 from . import models, plots, records
-from .sweep import fmt, measure
+from .sweep import cell, fmt, measure
 
 
 def layer_bytes(batch: int, width: int, dtype: torch.dtype, mode: str) -> int:
@@ -34,8 +36,9 @@ def layer_bytes(batch: int, width: int, dtype: torch.dtype, mode: str) -> int:
     return 3 * forward if mode == "train" else forward
 
 
-def main(argv=None):
-    """Measure the square chains and plot them; see ``python -m bench.roofline --help``."""
+def main(argv=None) -> int:
+    """Measure the square chains and plot them; see ``python -m bench.roofline --help``. Returns
+    the exit status: 1 if an implementation failed (each failure is printed), else 0."""
     p = argparse.ArgumentParser(prog="python -m bench.roofline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--widths", help="comma-separated W (default 64..8192 on CUDA, 32..512 on the CPU)")
@@ -45,11 +48,16 @@ def main(argv=None):
     p.add_argument("--modes", default="train,infer")
     p.add_argument("--impls", default=None, help="comma-separated (default eager,compile,dwfast on CUDA, "
                                                  "eager,dwfast on the CPU)")
+    p.add_argument("--warmup-ms", type=float, help="warm-up time per measurement (ms)")
+    p.add_argument("--rep-ms", type=float, help="timed repetitions per measurement (ms)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=1, help=dev.THREADS_HELP)
     p.add_argument("--out", type=Path, help="folder for the PNGs (default as for the sweep)")
     args = p.parse_args(argv)
     device = dev.pick_device(args.device)
     cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
     widths = [int(w) for w in (args.widths or ("64,128,256,512,1024,2048,4096,8192" if cuda
                                                 else "32,64,128,256,512")).split(",")]
     batch = args.batch or (8192 if cuda else 256)
@@ -57,16 +65,22 @@ def main(argv=None):
     dtype = models.DTYPES[dtype_name]
     impls = (args.impls or ("eager,compile,dwfast" if cuda else "eager,dwfast")).split(",")
     out = args.out or records.default_out(device.type)
+    out.mkdir(parents=True, exist_ok=True)  # before measuring: a bad folder fails at once
     name = dev.device_name(device)
+    where = f"on {name}" if cuda else "on the CPU (not GPU timings)"
     peak_t, peak_b = dev.peak_tflops(name, dtype), dev.peak_gbps(name)
     console = Console()
     if not cuda:
         console.print("[bold yellow]CPU timings are not GPU timings; no CPU peaks are known, so no roof.[/]")
-    warmup_ms, rep_ms = (25.0, 100.0) if cuda else (10.0, 50.0)
+    warmup_ms = args.warmup_ms if args.warmup_ms is not None else (25.0 if cuda else 10.0)
+    rep_ms = args.rep_ms if args.rep_ms is not None else (100.0 if cuda else 50.0)
+    failed = []
     for mode in args.modes.split(","):
-        table = Table(title=f"{mode}, {dtype_name}, batch {batch}, {args.layers + 1} layers of W x W on {name}")
+        console.print(f"{mode}, {dtype_name}, batch {batch}, {args.layers + 1} layers of W x W {where}",
+                      highlight=False, markup=False)
+        table = Table(box=None, pad_edge=False, collapse_padding=True)
         for col in ["impl", "W", "FLOP/byte", "TFLOP/s", "GB/s", "% peak FLOP/s", "% peak GB/s"]:
-            table.add_column(col, justify="right")
+            table.add_column(col, justify="left" if col == "impl" else "right", no_wrap=True)
         points = []
         for width in widths:
             torch.manual_seed(0)
@@ -77,18 +91,21 @@ def main(argv=None):
             target = torch.randn(batch, width, generator=gen).to(device)
             flops = models.step_flops(reference, batch, mode) / n_layers
             nbytes = layer_bytes(batch, width, dtype, mode)
-            for impl in impls:
-                rec = measure(impl, reference, mode, dtype_name, x, target, warmup_ms, rep_ms, name)
+            for rec in measure(impls, reference, mode, dtype_name, x, target, warmup_ms, rep_ms, name):
+                if rec["status"] == "failed":
+                    failed.append(rec)
+                    console.print(f"[bold red]FAILED[/] {rec['impl']} {mode} W={width}: {escape(rec['error'])}")
                 gbps = None if rec["median_ms"] is None else nbytes * n_layers / rec["median_ms"] / 1e6
                 points.append(dict(rec, width=width, intensity=flops / nbytes, gbps=gbps))
-                table.add_row(impl, str(width), f"{flops / nbytes:.1f}", fmt(rec["tflops"], ".3g"),
-                              fmt(gbps, ".3g"), fmt(rec["peak_fraction"], ".1%"),
-                              fmt(None if gbps is None or not peak_b else gbps / peak_b, ".1%"))
+                table.add_row(rec["impl"], str(width), f"{flops / nbytes:.1f}", cell(rec, fmt(rec["tflops"], ".3g")),
+                              cell(rec, fmt(gbps, ".3g")), cell(rec, fmt(rec["peak_fraction"], ".1%")),
+                              cell(rec, fmt(None if gbps is None or not peak_b else gbps / peak_b, ".1%")))
         console.print(table)
         path = plots.roofline_figure(points, out / f"roofline_{mode}_{dtype_name}_b{batch}.png",
-                                     f"{mode}, {dtype_name}, batch {batch} on {name}", peak_t, peak_b)
-        console.print(f"plot: {path}")
+                                     f"{mode}, {dtype_name}, batch {batch} {where}", peak_t, peak_b)
+        console.print(f"plot: {path}", soft_wrap=True, highlight=False, markup=False)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -187,18 +187,22 @@ def run(cfg: StudyConfig, device: torch.device, console: Console = None) -> dict
 
 
 def print_table(doc: dict, console: Console = None) -> None:
-    """Accuracy and throughput per task and depth, then the linear-collapse check."""
+    """Accuracy and throughput per task and depth, then the linear-collapse check. Fits 80
+    columns: dead ReLUs as the mean and largest share over layers (per layer in the record)."""
     console = console or Console()
-    table = Table(title=f"study: {si(doc['config']['budget'])} parameters on {doc['env']['device']}")
-    for name in ["task", "depth", "width", "params", "test acc", "train samples/s", "dead ReLU %"]:
-        table.add_column(name, justify="right")
+    console.print(f"study: {si(doc['config']['budget'])} parameters on {doc['env']['device']}",
+                  highlight=False, markup=False)
+    table = Table(box=None, pad_edge=False, collapse_padding=True)
+    for name in ["task", "depth", "width", "params", "test acc", "train samples/s", "dead ReLU mean/max"]:
+        table.add_column(name, justify="left" if name == "task" else "right", no_wrap=True)
     for r in doc["rows"]:
+        dead = r["dead_relu"]
         table.add_row(r["task"], str(r["depth"]), str(r["width"]), str(r["n_params"]),
-                      f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}", si(r["samples_per_s"]),
-                      " ".join(f"{v:.0%}" for v in r["dead_relu"]))
+                      f"{r['acc_mean']:.3f}±{r['acc_std']:.3f}", si(r["samples_per_s"]),
+                      f"{np.mean(dead):.0%}/{max(dead):.0%}" if dead else "n/a")
     console.print(table)
     for c in doc["linear_collapse"]:
-        console.print(f"{c['task']}: {c['depth']}-layer linear net acc {c['deep_acc']:.3f} vs one Linear "
-                      f"{c['shallow_acc']:.3f}; |deep - collapsed map| <= {c['collapse_err']:.1e}")
+        console.print(f"{c['task']}: {c['depth']}-layer linear net acc {c['deep_acc']:.3f}, one Linear "
+                      f"{c['shallow_acc']:.3f}, collapse error {c['collapse_err']:.1e}", highlight=False)
     for note in doc["config"]["notes"]:
         console.print(f"[bold yellow]{note}[/]")

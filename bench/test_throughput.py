@@ -5,11 +5,15 @@
     pytest-benchmark compare bench-*.json          # across commits
 
 ``shape`` names the mode and the model (``train-deep-d64``), so grouping by it puts the
-implementations side by side. Full size on CUDA (bf16, torch.compile included); small on the
-CPU (fp32; torch.compile left out, its compile time would dominate). Every timed call ends with
-a CUDA synchronisation, so GPU work is inside the measurement. Not collected by the default
+implementations side by side. Full size on CUDA (bf16, with both CUDA-graph implementations);
+small on the CPU (fp32); ``DWFAST_BENCH_SIZE=tiny`` shrinks either to seconds (CI). torch.compile
+is in everywhere (its compile time stays out of the measurement); ``compile-max-autotune`` is
+left to the sweep, whose compiles it would multiply. Every timed call ends with a CUDA
+synchronisation, so GPU work is inside the measurement. Not collected by the default
 ``pytest`` run (see ``bench/conftest.py``).
 """
+import os
+
 import pytest
 import torch
 
@@ -19,10 +23,12 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = "bf16" if CUDA else "fp32"
 FEATURES = 128
-IMPLS = ["eager", "compile", "dwfast"] if CUDA else ["eager", "dwfast"]
+IMPLS = [i for i in models.IMPLS if i != "compile-max-autotune" and not models.not_applicable(i, DEVICE)]
 # name: (parameter budget, hidden layers, batch)
-MODELS = ({"wide-d1": (5e7, 1, 8192), "mid-d8": (5e7, 8, 8192), "deep-d64": (1e6, 64, 8192)} if CUDA
-          else {"wide-d1": (1e5, 1, 256), "mid-d4": (1e5, 4, 256), "deep-d16": (2e4, 16, 256)})
+SIZES = {"full": {"wide-d1": (5e7, 1, 8192), "mid-d8": (5e7, 8, 8192), "deep-d64": (1e6, 64, 8192)},
+         "small": {"wide-d1": (1e5, 1, 256), "mid-d4": (1e5, 4, 256), "deep-d16": (2e4, 16, 256)},
+         "tiny": {"wide-d1": (2e4, 1, 32), "deep-d2": (2e4, 2, 32)}}
+MODELS = SIZES[os.environ.get("DWFAST_BENCH_SIZE", "full" if CUDA else "small")]
 SHAPES = [f"{mode}-{name}" for mode in models.MODES for name in MODELS]
 if not CUDA:
     torch.set_num_threads(1)  # as `python -m bench`: more threads on a busy machine swing 100x
@@ -37,8 +43,9 @@ def test_step(benchmark, impl, shape):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, FEATURES, generator=gen).to(DEVICE)
     target = torch.randn(batch, 1, generator=gen).to(DEVICE)
+    models.forget_compiled()
     step, label = models.make_step(impl, reference, mode, models.DTYPES[DTYPE], x, target)
-    for _ in range(3):  # compilation and autotuning stay out of the measurement
+    for _ in range(models.WARMUP_STEPS):  # compilation and autotuning stay out of the measurement
         step()
 
     def timed():
