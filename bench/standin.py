@@ -23,16 +23,24 @@ from triton.backends.driver import DriverBase
 
 from dwfast import backend
 
-# What launchers and Triton ask of a device, with an H100 SXM's values.
+# What launchers and Triton ask of a device, with an H100 SXM's and an A100 SXM's values.
 H100 = {"multiprocessor_count": 132, "max_shared_mem": 232448, "max_num_regs": 65536, "warpSize": 32,
         "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+A100 = {"multiprocessor_count": 108, "max_shared_mem": 166912, "max_num_regs": 65536, "warpSize": 32,
+        "sm_clock_rate": 1410000, "mem_clock_rate": 1215000, "mem_bus_width": 5120}
+DEVICES = {90: H100, 80: A100}
 
 
 class Launch(NamedTuple):
-    """One recorded launch: the compiled kernel's name, its grid and its metadata."""
+    """One recorded launch: the compiled kernel's name, its grid and its metadata; `src` is
+    what was compiled (Triton's ASTSource: the JIT function, its constexprs and argument
+    specialisation) and `args` the launch's arguments in kernel order, tensors replaced by
+    their shapes (so a record keeps no tensor alive), when the driver records them."""
     name: str
     grid: Tuple[int, int, int]
     metadata: object
+    src: object = None
+    args: tuple = ()
 
 
 class _Utils:
@@ -50,19 +58,25 @@ class _Utils:
 class StandInDriver(DriverBase):
     """A Triton driver for a CUDA device that isn't there (see the module docstring)."""
 
-    def __init__(self, arch: int = 90, props=None):
+    def __init__(self, arch: int = 90, props=None, record_args: bool = False):
         super().__init__()
         self.arch = arch
-        self.utils = _Utils(props or H100)
+        self.utils = _Utils(props or DEVICES.get(arch, H100))
         self.launches: List[Launch] = []
         driver = self
 
         class Launcher:
             def __init__(self, src, metadata):
                 self.name, self.metadata = src.fn.__name__ if hasattr(src, "fn") else str(src), metadata
+                self.src = src
 
-            def __call__(self, grid_x, grid_y, grid_z, *_):
-                driver.launches.append(Launch(self.name, (grid_x, grid_y, grid_z), self.metadata))
+            def __call__(self, grid_x, grid_y, grid_z, *rest):
+                # rest: stream, function, packed metadata, launch metadata, enter/exit hooks, args.
+                # Recording them is opt-in: it would add to the host time the stand-in measures.
+                args = ()
+                if record_args:
+                    args = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in rest[6:])
+                driver.launches.append(Launch(self.name, (grid_x, grid_y, grid_z), self.metadata, self.src, args))
 
         self.launcher_cls = Launcher
 
@@ -80,7 +94,9 @@ class StandInDriver(DriverBase):
         return torch.device("cpu")
 
     def get_current_device(self):
-        return 0
+        # Triton keeps its compiled kernels per device index: an index per stand-in target keeps
+        # an sm_80 stand-in's kernels apart from an sm_90 one's, and both from a real GPU's.
+        return 1000 + self.arch
 
     def set_current_device(self, device):
         pass
@@ -99,11 +115,13 @@ class StandInDriver(DriverBase):
 
 
 @contextlib.contextmanager
-def standin_gpu(arch: int = 90, props=None):
+def standin_gpu(arch: int = 90, props=None, record_args: bool = False):
     """Within the block Triton compiles for sm_`arch` and records launches instead of running
-    them; yields the driver, whose ``launches`` lists them. dwfast's ``auto`` and ``triton``
-backends send CPU tensors down the kernel path meanwhile. Restores the real driver after."""
-    driver = StandInDriver(arch, props)
+    them; yields the driver, whose ``launches`` lists them (with each launch's arguments when
+    `record_args`). The device's properties are `props`, by default an H100's for sm_90 and an
+    A100's for sm_80. dwfast's ``auto`` and ``triton`` backends send CPU tensors down the
+    kernel path meanwhile. Restores the real driver after."""
+    driver = StandInDriver(arch, props, record_args)
     previous = triton.runtime.driver._active
     triton.runtime.driver.set_active(driver)
     backend.STANDIN = True
