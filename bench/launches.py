@@ -12,8 +12,9 @@ and the optimizer aside (they cost every implementation the same). Two counts pe
   where it dispatches the ops it would on a GPU (most launch one kernel each; a few, like
   BatchNorm's backward, launch more, so eager's count is a lower bound).
 Host time: dwfast's step under the stand-in, where a launch costs its Python and Triton work up
-to the driver call (a real launch adds the driver's own few microseconds). These are counts and
-host times, not GPU timings.
+to the driver call (a real launch adds the driver's own few microseconds), as the CPU time of
+the thread (median of steps), which other load on the machine disturbs less than wall time.
+These are counts and host times, not GPU timings.
 
 Runs in a process without Triton's interpreter (``TRITON_INTERPRET`` unset).
 """
@@ -61,19 +62,28 @@ class Step(NamedTuple):
 
 
 def _step(model, x, grad):
+    """Forward and backward (gradients set to None first, as optimizer.zero_grad() does), or with
+    `grad` None a forward under no_grad."""
+    if grad is None:
+        with torch.no_grad():
+            model(x)
+        return
+    model.zero_grad(set_to_none=True)
     model(x).backward(grad)
 
 
 def eager_step(model, x, grad) -> Step:
-    """The launches of one eager training step of `model` (run for real, on x's device)."""
-    _step(model, x, grad)  # warm-up: optimizer-free, but materialises .grad as a real step would
+    """The launches of one eager training step of `model` (run for real, on x's device); with
+    `grad` None, of a no-grad forward."""
+    _step(model, x, grad)  # warm-up
     with _Ops() as ops:
         _step(model, x, grad)
     return Step(Counter(), ops.ops)
 
 
 def dwfast_step(model, x, grad) -> Step:
-    """The launches of one dwfast training step of `model` on the stand-in GPU (CPU tensors)."""
+    """The launches of one dwfast training step of `model` on the stand-in GPU (CPU tensors);
+    with `grad` None, of a no-grad forward."""
     with standin_gpu() as gpu:
         _step(model, x, grad)  # warm-up: compiles every kernel
         del gpu.launches[:]
@@ -87,9 +97,9 @@ def dwfast_host_us(model, x, grad, steps: int = 20) -> float:
     times = []
     with standin_gpu():
         for _ in range(steps + 2):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()  # this thread's CPU time: what the host spends, whatever else runs
             _step(model, x, grad)
-            times.append(time.perf_counter() - t0)
+            times.append(time.thread_time() - t0)
     return sorted(times[2:])[len(times[2:]) // 2] * 1e6
 
 

@@ -33,7 +33,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from . import device as dev
-from . import models, records
+from . import launches, models, records
 
 STEPS = 3  # wait, warmup, active
 KERNEL_KEYS = ("CPU", "CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional")
@@ -167,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1, help=dev.THREADS_HELP)
     p.add_argument("--out", type=Path, help="folder for the traces (default as for the sweep)")
+    p.add_argument("--launches", action="store_true",
+                   help="instead: launches per training step (Triton kernels and PyTorch ops) of eager and dwfast, "
+                        "and dwfast's host time per step, on the stand-in GPU (any machine; bench/launches.py)")
     return p
 
 
@@ -182,6 +185,11 @@ def main(argv=None) -> int:
     budget = args.budget or (1e6 if cuda else 1e5)
     batch = args.batch or (4096 if cuda else 256)
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
+    if args.launches:
+        width = models.reference_model(args.features, budget, args.depth, 1, 0, torch.device("cpu"))[0].out_features
+        launches.main(["--depth", str(args.depth), "--width", str(width), "--batch", str(batch),
+                       "--in-features", str(args.features), "--out-features", "1", "--dtype", dtype_name])
+        return 0
     impls = (args.impls or "eager,compile,dwfast").split(",")
     out = args.out or records.default_out(device.type)
     out.mkdir(parents=True, exist_ok=True)

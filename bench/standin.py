@@ -55,6 +55,25 @@ class _Utils:
         return None, 0, 0, 0, 1024
 
 
+class _Launcher:
+    """Triton's launcher for a kernel on the stand-in: records each launch with the active stand-in."""
+
+    def __init__(self, src, metadata):
+        self.name, self.metadata = src.fn.__name__ if hasattr(src, "fn") else str(src), metadata
+        self.src = src
+
+    def __call__(self, grid_x, grid_y, grid_z, *rest):
+        # rest: stream, function, packed metadata, launch metadata, enter/exit hooks, args.
+        # Recording them is opt-in: it would add to the host time the stand-in measures.
+        # The active stand-in records it: a compiled kernel (and its launcher) outlives the
+        # stand-in it was compiled under, in Triton's cache and in dwfast's.
+        driver = triton.runtime.driver.active
+        args = ()
+        if driver.record_args:
+            args = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in rest[6:])
+        driver.launches.append(Launch(self.name, (grid_x, grid_y, grid_z), self.metadata, self.src, args))
+
+
 class StandInDriver(DriverBase):
     """A Triton driver for a CUDA device that isn't there (see the module docstring)."""
 
@@ -63,22 +82,8 @@ class StandInDriver(DriverBase):
         self.arch = arch
         self.utils = _Utils(props or DEVICES.get(arch, H100))
         self.launches: List[Launch] = []
-        driver = self
-
-        class Launcher:
-            def __init__(self, src, metadata):
-                self.name, self.metadata = src.fn.__name__ if hasattr(src, "fn") else str(src), metadata
-                self.src = src
-
-            def __call__(self, grid_x, grid_y, grid_z, *rest):
-                # rest: stream, function, packed metadata, launch metadata, enter/exit hooks, args.
-                # Recording them is opt-in: it would add to the host time the stand-in measures.
-                args = ()
-                if record_args:
-                    args = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in rest[6:])
-                driver.launches.append(Launch(self.name, (grid_x, grid_y, grid_z), self.metadata, self.src, args))
-
-        self.launcher_cls = Launcher
+        self.record_args = record_args
+        self.launcher_cls = _Launcher
 
     @classmethod
     def is_active(cls):

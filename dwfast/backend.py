@@ -40,6 +40,13 @@ def get_backend() -> str:
 STANDIN = False
 
 
+def is_reference(device) -> bool:
+    """Whether tensors on `device` run the pure-PyTorch reference (cheaper to ask than
+    :func:`resolve_backend`, and never raises)."""
+    name = get_backend()
+    return name == "torch" or (name == "auto" and device.type != "cuda" and not STANDIN)
+
+
 def resolve_backend(device) -> str:
     """The concrete backend (``triton``, ``interpret`` or ``torch``) for tensors on ``device``."""
     name = get_backend()

@@ -107,9 +107,15 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 def has_hooks(m: nn.Module) -> bool:
     """Whether calling ``m`` would run forward/backward hooks, which a fused run would skip."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+    return any_hooks((m,))
+
+
+def any_hooks(modules) -> bool:
+    """Whether calling any of `modules` would run forward/backward hooks."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                       for m in modules))
 
 
 def _is(m, cls) -> bool:

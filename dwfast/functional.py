@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference, whole_net
-from .backend import get_whole_net, resolve_backend
+from .backend import get_whole_net, is_reference, resolve_backend
 from .chain import Block, autocast_dtype, counts_batches, eager_chain, updates_running_stats, uses_batch_stats
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the kernels run
@@ -107,16 +107,14 @@ def fused_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     ``num_batches_tracked`` as eager does. Raises ``RuntimeError`` for a wrong input width,
     dtype or device and ``ValueError`` for a batch of one with batch statistics or an eps
     that F.batch_norm refuses, before touching any state. Inputs the kernels don't handle
-    (not 2-D, empty, other dtypes, functorch transforms) run through eager PyTorch. Under ``torch.autocast`` it follows eager's autocast (see
-    :func:`dwfast.ops.chain`); it traces under ``torch.compile(fullgraph=True)``, also with
+    (not 2-D, empty, other dtypes, functorch transforms) run through eager PyTorch. Under
+    ``torch.autocast`` it follows eager's autocast (see :func:`dwfast.ops.chain`); it traces under ``torch.compile(fullgraph=True)``, also with
     ``BatchNorm1d(momentum=None)``.
     """
     _validate(x, blocks)
-    if not _fusable(x, blocks):
+    if is_reference(x.device) or not _fusable(x, blocks):
         return eager_chain(x, blocks)
     backend = resolve_backend(x.device)
-    if backend == "torch":
-        return eager_chain(x, blocks)
     if autocast_dtype(x) is not None:
         # The whole-net kernels take one dtype; autocast mixes the Linears' and BatchNorm's.
         return ops.chain(x, blocks, upcast=(backend == "interpret"))

@@ -11,33 +11,36 @@ from typing import List, Sequence, Union
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .backend import resolve_backend
-from .chain import batch_norm, has_hooks, plan
+from .chain import any_hooks, plan
 from .functional import fused_chain
 
 
 class FusedSequential(nn.Sequential):
     """An ``nn.Sequential`` whose runs of ``Linear [BatchNorm1d] [activation] [Dropout]`` run fused.
 
-    Takes the same arguments as ``nn.Sequential``. Children are grouped again on every forward
-    (a cheap pass over the children), so replacing, appending or deleting children, or adding
-    hooks to them, is always honoured. Results, gradients and BatchNorm running statistics are
+    Takes the same arguments as ``nn.Sequential``. The grouping of the children into fused runs
+    is kept until the children change (replaced, appended, deleted) and made anew on every
+    forward while any hook is set, so hooks always fire. Results, gradients and BatchNorm running statistics are
     those of ``nn.Sequential``; see :func:`dwfast.functional.fused_chain` for the errors raised.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if resolve_backend(input.device) == "torch" and not torch.compiler.is_compiling():
-            # The reference backend is eager PyTorch: run the children as nn.Sequential does,
-            # without planning, so that fusing costs nothing there (BatchNorm as eager_chain runs it).
-            for module in self._modules.values():
-                fused_bn = isinstance(module, _BatchNorm) and not has_hooks(module)
-                input = batch_norm(module, input) if fused_bn else module(input)
-            return input
-        for step in plan(list(self._modules.values())):
+        for step in self._plan():
             input = fused_chain(input, step) if isinstance(step, list) else step(input)
         return input
+
+    def _plan(self):
+        """plan() of the children, cached while they stay the same objects and carry no hooks
+        (hooks exclude a module from fusion, and may come and go without a trace)."""
+        children = tuple(self._modules.values())
+        if any_hooks(children):
+            return plan(children)
+        cached = self.__dict__.get("_dwfast_plan")
+        if cached is None or cached[0] != children:
+            cached = (children, plan(children))
+            object.__setattr__(self, "_dwfast_plan", cached)  # a plain attribute: not in the state_dict
+        return cached[1]
 
 
 def _check_width(name: str, value) -> int:

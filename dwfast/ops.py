@@ -9,11 +9,14 @@ A training step launches two kernels per block and no PyTorch op between them (n
 gradients are materialised for the saved outputs). The running statistics are updated by the
 kernel that finalises the batch statistics, which needs an op that mutates them; PyTorch
 allows no autograd on such an op, hence the split: chain_body's outputs are inputs of
-chain_forward, whose backward covers every block. Ops take flat lists (one entry per block)
-so they pass through torch.compile and opcheck. BatchNorm mode per block: NO_BN, BATCH (batch
-statistics) or FIXED (running statistics).
+chain_forward, whose backward covers every block.
+
+Ops take flat tensor lists (an entry per block that has the tensor) and each block's options
+packed in one int and one float list (`Spec`), so they pass through torch.compile and opcheck,
+and stay cheap to call: PyTorch's dispatch costs host time per argument, partly quadratic in
+their number.
 """
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -27,35 +30,72 @@ assert (NO_BN, BATCH, FIXED) == (K.NO_BN, K.BATCH, K.FIXED)
 _PER_BLOCK = 2  # saved tensors per block: z, vec
 
 
-def _expand(present: List[Tensor], flags: List[bool]) -> List[Optional[Tensor]]:
+class Spec(NamedTuple):
+    """A block's options. The ops take them packed (`pack`): per block 8 ints, then 4 floats."""
+    has_bias: bool
+    has_gamma: bool
+    has_beta: bool
+    bn_mode: int      # NO_BN, BATCH (batch statistics) or FIXED (running statistics)
+    tracked: bool     # a BATCH block that updates its running statistics
+    cumulative: bool  # momentum None: the cumulative average
+    act: int          # a code of kernels.ACTIVATIONS
+    sync: int         # a process-group id of dwfast.distributed: statistics over the group; 0: none
+    slope: float      # LeakyReLU's negative slope
+    drop_p: float     # dropout after the activation
+    eps: float
+    momentum: float
+
+
+_INTS, _FLOATS = 8, 4
+
+
+def pack(specs: List[Spec]):
+    """(ints, floats): the ops' encoding of the blocks' options."""
+    return [int(v) for s in specs for v in s[:_INTS]], [float(v) for s in specs for v in s[_INTS:]]
+
+
+def unpack(ints: List[int], floats: List[float]) -> List[Spec]:
+    specs = []
+    for i in range(len(ints) // _INTS):
+        has_bias, has_gamma, has_beta, mode, tracked, cumulative, act, sync = ints[i * _INTS:(i + 1) * _INTS]
+        specs.append(Spec(bool(has_bias), bool(has_gamma), bool(has_beta), mode, bool(tracked), bool(cumulative), act,
+                          sync, *floats[i * _FLOATS:(i + 1) * _FLOATS]))
+    return specs
+
+
+def _expand(present: List[Tensor], flags) -> List[Optional[Tensor]]:
     """The per-block list from the compact list of the blocks whose flag is set."""
     it = iter(present)
     return [next(it) if f else None for f in flags]
 
 
-def _sites(vecs, acts, slopes, drop_ps, seeds) -> List[K.Site]:
-    """Each block's activation site; `seeds` holds one entry per block with dropout."""
-    sites, k = [], 0
-    for vec, act, slope, p in zip(vecs, acts, slopes, drop_ps):
-        sites.append(K.Site(vec, act, slope, p, seeds[k:k + 1] if p > 0 else None))
-        k += p > 0
-    return sites
-
-
-def _norms(x, weights, gammas, betas, running_means, running_vars, num_batches, bn_modes, eps, momentums,
-           syncs, vecs=None) -> List[K.Norm]:
-    """Each block's BatchNorm for the kernels (new vector buffers unless `vecs` are given);
-    `momentums[i]` None is the cumulative average."""
+def _norms(x, specs, weights, gammas, betas, vecs=None, running=None, num_batches=None) -> List[K.Norm]:
+    """Each block's BatchNorm for the kernels: new vector buffers unless `vecs` are given;
+    `running` = (running_means, running_vars, flags): the running statistics of the flagged
+    blocks; `num_batches`: the counters of the tracked blocks."""
+    gammas, betas = _expand(gammas, [s.has_gamma for s in specs]), _expand(betas, [s.has_beta for s in specs])
+    none = [None] * len(specs)
+    means, variances = (_expand(running[0], running[2]), _expand(running[1], running[2])) if running else (none, none)
+    counts = _expand(num_batches, [s.tracked for s in specs]) if num_batches is not None else none
     norms = []
-    for i, mode in enumerate(bn_modes):
+    for i, s in enumerate(specs):
         vec = vecs[i] if vecs is not None else K.new_vec(weights[i].shape[0], x.device)
-        norms.append(K.NO_NORM if mode == NO_BN else K.Norm(
-            K.PARTIALS if syncs[i] else mode, vec, gammas[i], betas[i], running_means[i], running_vars[i],
-            num_batches[i], eps[i], momentums[i]))
+        norms.append(K.NO_NORM if s.bn_mode == NO_BN else K.Norm(
+            K.PARTIALS if s.sync else s.bn_mode, vec, gammas[i], betas[i], means[i], variances[i], counts[i], s.eps,
+            None if s.cumulative else s.momentum))
     return norms
 
 
-def _run(x, h, site, weights, biases, norms, sites, syncs, start: int, zs=None) -> List[Tensor]:
+def _sites(specs, norms, seeds) -> List[K.Site]:
+    """Each block's activation site; `seeds` holds one entry per block with dropout."""
+    sites, k = [], 0
+    for s, n in zip(specs, norms):
+        sites.append(K.Site(n.vec, s.act, s.slope, s.drop_p, seeds[k:k + 1] if s.drop_p > 0 else None))
+        k += s.drop_p > 0
+    return sites
+
+
+def _run(x, h, site, weights, biases, norms, sites, specs, start: int, zs=None) -> List[Tensor]:
     """Blocks start.. of the chain on h (their input, a_{start-1} = `site`(h)): per block [z, vec]
     (z written into `zs` when given). A synchronised block (mode PARTIALS) has its statistics
     merged across its group between its GEMM and the next."""
@@ -63,18 +103,18 @@ def _run(x, h, site, weights, biases, norms, sites, syncs, start: int, zs=None) 
     for i in range(start, len(weights)):
         h, partials = K.linear_fwd(h, weights[i], biases[i], site, norms[i], out=zs[i] if zs else None)
         if partials is not None:
-            _synced_stats(partials, x.shape[0], norms[i], syncs[i])
+            _synced_stats(partials, x.shape[0], norms[i], specs[i].sync)
         site = sites[i]
         saved += [h, norms[i].vec if norms[i].vec is not None else x.new_empty(0)]
     return saved
 
 
-def new_saved(x, weights, bn_modes) -> List[Tensor]:
+def new_saved(x, weights, specs) -> List[Tensor]:
     """Uninitialised per-block [z, vec] buffers for `weights`' blocks on x's batch."""
     saved = []
-    for w, mode in zip(weights, bn_modes):
-        saved += [x.new_empty(x.shape[0], w.shape[0]), K.new_vec(w.shape[0], x.device) if mode != NO_BN
-                  else x.new_empty(0)]
+    for w, s in zip(weights, specs):
+        saved += [x.new_empty(x.shape[0], w.shape[0]),
+                  K.new_vec(w.shape[0], x.device) if s.bn_mode != NO_BN else x.new_empty(0)]
     return saved
 
 
@@ -83,62 +123,54 @@ def new_saved(x, weights, bn_modes) -> List[Tensor]:
 def chain_body(
     x: Tensor, zs: List[Tensor], vecs: List[Tensor], weights: List[Tensor], biases: List[Tensor],
     gammas: List[Tensor], betas: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
-    num_batches: List[Tensor], seeds: Tensor, has_bias: List[bool], has_gamma: List[bool], has_beta: List[bool],
-    bn_modes: List[int], tracked: List[bool], acts: List[int], slopes: List[float], drop_ps: List[float],
-    eps: List[float], momentums: List[float], cumulative: List[bool], syncs: List[int],
+    num_batches: List[Tensor], seeds: Tensor, ints: List[int], floats: List[float],
 ) -> None:
     """The given blocks (the chain's first ones): writes each block's z into `zs` [B, N] and
     its BatchNorm vectors into `vecs` ([VEC_ROWS, N] fp32; empty without BatchNorm), and updates
-    the running statistics of the `tracked` BATCH blocks in place, as BatchNorm1d's training
-    forward does. (Mutated outputs rather than returned ones: PyTorch cannot functionalise an op
-    that both mutates and returns a list.)
+    the running statistics of the tracked blocks in place, as BatchNorm1d's training forward
+    does. (Mutated outputs rather than returned ones: PyTorch cannot functionalise an op that
+    both mutates and returns a list.)
 
-    `biases` of the blocks with `has_bias`, `gammas`/`betas` of the BatchNorm blocks with
-    `has_gamma`/`has_beta`; `running_means`/`running_vars` of the FIXED and the tracked BATCH
-    blocks, `num_batches` of the tracked ones (`momentums[i]`, or the cumulative average with
-    `cumulative[i]`). Block i's activation is `acts[i]` (a code of kernels.ACTIVATIONS,
-    LeakyReLU's slope `slopes[i]`), then dropout with probability `drop_ps[i]` keyed on the next
-    entry of `seeds` (int64, one per block with dropout). A BATCH block with `syncs[i]` (a
-    process-group id of dwfast.distributed) takes its statistics over the whole group.
+    `ints`, `floats`: the blocks' `Spec`s, packed. `biases` of the blocks with `has_bias`,
+    `gammas`/`betas` of those with `has_gamma`/`has_beta`; `running_means`/`running_vars` of
+    the FIXED and the tracked blocks, `num_batches` of the tracked ones. Dropout masks are keyed
+    on `seeds` (int64, one per block with dropout).
     """
-    running = [m == FIXED or t for m, t in zip(bn_modes, tracked)]
-    norms = _norms(x, weights, _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(running_means, running),
-                   _expand(running_vars, running), _expand(num_batches, tracked), bn_modes, eps,
-                   [None if c else m for m, c in zip(momentums, cumulative)], syncs, vecs)
-    sites = _sites([n.vec for n in norms], acts, slopes, drop_ps, seeds)
-    _run(x, x, K.NO_SITE, weights, _expand(biases, has_bias), norms, sites, syncs, 0, zs)
+    specs = unpack(ints, floats)
+    running = (running_means, running_vars, [s.bn_mode == FIXED or s.tracked for s in specs])
+    norms = _norms(x, specs, weights, gammas, betas, vecs, running, num_batches)
+    sites = _sites(specs, norms, seeds)
+    _run(x, x, K.NO_SITE, weights, _expand(biases, [s.has_bias for s in specs]), norms, sites, specs, 0, zs)
 
 
 @chain_body.register_fake
-def _(x, zs, vecs, weights, biases, gammas, betas, running_means, running_vars, num_batches, seeds, has_bias,
-      has_gamma, has_beta, bn_modes, tracked, acts, slopes, drop_ps, eps, momentums, cumulative, syncs):
+def _(x, zs, vecs, weights, biases, gammas, betas, running_means, running_vars, num_batches, seeds, ints, floats):
     return None
 
 
 @torch.library.custom_op("dwfast::chain_forward", mutates_args=())
 def chain_forward(
     x: Tensor, body: List[Tensor], weights: List[Tensor], biases: List[Tensor], gammas: List[Tensor],
-    betas: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor], seeds: Tensor,
-    has_bias: List[bool], has_gamma: List[bool], has_beta: List[bool], bn_modes: List[int], acts: List[int],
-    slopes: List[float], drop_ps: List[float], eps: List[float], syncs: List[int],
+    betas: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor], seeds: Tensor, ints: List[int],
+    floats: List[float],
 ) -> List[Tensor]:
-    """[out] + per block [z, vec] of the blocks after `body` (chain_body's outputs for the
-    chain's first len(body) / 2 blocks; those blocks' running statistics are not touched here).
+    """[out] + per block [z, vec] of the blocks after `body` (chain_body's zs and vecs,
+    interleaved, for the chain's first len(body) / 2 blocks, whose running statistics are not
+    touched here).
 
     Arguments as chain_body's, for the whole chain; `running_means`/`running_vars` of the FIXED
     blocks. The last block's z is kept only when an activation follows it (otherwise it is
     `out`).
     """
+    specs = unpack(ints, floats)
     start = len(body) // _PER_BLOCK
-    fixed = [m == FIXED for m in bn_modes]
-    vecs = body[1::_PER_BLOCK] + [K.new_vec(w.shape[0], x.device) if m != NO_BN else None
-                                  for w, m in zip(weights[start:], bn_modes[start:])]
-    norms = _norms(x, weights, _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(running_means, fixed),
-                   _expand(running_vars, fixed), [None] * len(weights), bn_modes, eps, [0.0] * len(weights), syncs,
-                   vecs)
-    sites = _sites([n.vec for n in norms], acts, slopes, drop_ps, seeds)
+    vecs = body[1::_PER_BLOCK] + [K.new_vec(w.shape[0], x.device) if s.bn_mode != NO_BN else None
+                                  for w, s in zip(weights[start:], specs[start:])]
+    norms = _norms(x, specs, weights, gammas, betas, vecs, (running_means, running_vars,
+                                                           [s.bn_mode == FIXED for s in specs]))
+    sites = _sites(specs, norms, seeds)
     h, site = (body[-_PER_BLOCK], sites[start - 1]) if start else (x, K.NO_SITE)
-    saved = _run(x, h, site, weights, _expand(biases, has_bias), norms, sites, syncs, start)
+    saved = _run(x, h, site, weights, _expand(biases, [s.has_bias for s in specs]), norms, sites, specs, start)
     z_last = saved[-_PER_BLOCK] if saved else body[-_PER_BLOCK]
     if sites[-1].identity:
         saved[-_PER_BLOCK] = x.new_empty(0)  # out is z itself: an op's outputs may not alias
@@ -147,11 +179,11 @@ def chain_forward(
 
 
 @chain_forward.register_fake
-def _(x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, has_bias, has_gamma, has_beta,
-      bn_modes, acts, slopes, drop_ps, eps, syncs):
+def _(x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, ints, floats):
+    specs = unpack(ints, floats)
     start = len(body) // _PER_BLOCK
-    saved = new_saved(x, weights[start:], bn_modes[start:])
-    if bn_modes[-1] == NO_BN and not acts[-1] and not drop_ps[-1]:
+    saved = new_saved(x, weights[start:], specs[start:])
+    if specs[-1].bn_mode == NO_BN and not specs[-1].act and not specs[-1].drop_p:
         saved[-_PER_BLOCK] = x.new_empty(0)
     return [x.new_empty(x.shape[0], weights[-1].shape[0])] + saved
 
@@ -202,25 +234,22 @@ def _synced_grads(partials, M: int, norm: K.Norm, sync: int):
 @torch.library.custom_op("dwfast::chain_backward", mutates_args=())
 def chain_backward(
     grad_out: Tensor, x: Tensor, weights: List[Tensor], saved: List[Tensor], gammas: List[Tensor],
-    betas: List[Tensor], seeds: Tensor, has_gamma: List[bool], has_beta: List[bool], bn_modes: List[int],
-    acts: List[int], slopes: List[float], drop_ps: List[float], has_bias: List[bool], syncs: List[int],
-    input_grad: bool,
+    betas: List[Tensor], seeds: Tensor, ints: List[int], floats: List[float], input_grad: bool,
 ) -> List[Tensor]:
-    """[grad_x] + per block [dW, db, dgamma, dbeta] (empty where there is none), from
-    chain_forward's saved outputs; gradients come out in their parameters' dtypes."""
-    M = x.shape[0]
-    L = len(weights)
-    gammas, betas = _expand(gammas, has_gamma), _expand(betas, has_beta)
-    zs, vecs = saved[0::_PER_BLOCK], saved[1::_PER_BLOCK]
-    norms = [K.NO_NORM if mode == NO_BN else K.Norm(K.PARTIALS if syncs[i] else mode, vecs[i], gammas[i], betas[i],
-                                                    uv=K.new_uv(vecs[i].shape[1], x.device))
-             for i, mode in enumerate(bn_modes)]
-    sites = _sites([n.vec for n in norms], acts, slopes, drop_ps, seeds)
+    """[grad_x] + per block [dW, db, dgamma, dbeta] (empty where there is none), from the saved
+    per-block [z, vec] of chain_body and chain_forward; gradients come out in their parameters'
+    dtypes."""
+    specs = unpack(ints, floats)
+    M, L = x.shape[0], len(weights)
+    zs = saved[0::_PER_BLOCK]
+    norms = _norms(x, specs, weights, gammas, betas, vecs=saved[1::_PER_BLOCK])
+    norms = [n if n.mode == NO_BN else n._replace(uv=K.new_uv(n.vec.shape[1], x.device)) for n in norms]
+    sites = _sites(specs, norms, seeds)
     grads = [x.new_empty(0) for _ in range(1 + 4 * L)]
 
     def bn_grads(i, dgamma, dbeta, partials):
         if partials is not None:
-            dgamma, dbeta = _synced_grads(partials, M, norms[i], syncs[i])
+            dgamma, dbeta = _synced_grads(partials, M, norms[i], specs[i].sync)
         grads[3 + 4 * i: 5 + 4 * i] = [t if t is not None else x.new_empty(0) for t in (dgamma, dbeta)]
 
     g_y = grad_out.contiguous()
@@ -231,7 +260,7 @@ def chain_backward(
         site_in, norm_in, h = (sites[i - 1], norms[i - 1], zs[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM, x)
         g_y, dw, db, dgamma, dbeta, partials = K.linear_bwd(
             g_y, zs[i] if zs[i].numel() else g_y, weights[i], norms[i], h, site_in, norm_in,
-            input_grad=i > 0 or input_grad, has_bias=has_bias[i])
+            input_grad=i > 0 or input_grad, has_bias=specs[i].has_bias)
         grads[1 + 4 * i: 3 + 4 * i] = [dw, db if db is not None else x.new_empty(0)]
         if i > 0:
             bn_grads(i - 1, dgamma, dbeta, partials)
@@ -241,66 +270,65 @@ def chain_backward(
 
 
 @chain_backward.register_fake
-def _(grad_out, x, weights, saved, gammas, betas, seeds, has_gamma, has_beta, bn_modes, acts, slopes, drop_ps,
-      has_bias, syncs, input_grad):
+def _(grad_out, x, weights, saved, gammas, betas, seeds, ints, floats, input_grad):
+    specs = unpack(ints, floats)
     grads = [x.new_empty(x.shape) if input_grad else x.new_empty(0)]
-    gammas, betas = _expand(gammas, has_gamma), _expand(betas, has_beta)
-    for w, gamma, beta, bias in zip(weights, gammas, betas, has_bias):
-        grads += [x.new_empty(w.shape), x.new_empty(w.shape[0]) if bias else x.new_empty(0)]
+    gammas, betas = _expand(gammas, [s.has_gamma for s in specs]), _expand(betas, [s.has_beta for s in specs])
+    for w, gamma, beta, s in zip(weights, gammas, betas, specs):
+        grads += [x.new_empty(w.shape), x.new_empty(w.shape[0]) if s.has_bias else x.new_empty(0)]
         grads += [t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (gamma, beta)]
     return grads
 
 
 def _setup_context(ctx, inputs, output):
-    (x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, has_bias, has_gamma, has_beta,
-     bn_modes, acts, slopes, drop_ps, eps, syncs) = inputs
+    x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, ints, floats = inputs
     # biases and the FIXED blocks' running statistics: for the differentiable recomputation only
     ctx.save_for_backward(x, seeds, *weights, *gammas, *betas, *biases, *running_means, *running_vars, *body,
                           *output[1:])
     ctx.set_materialize_grads(False)  # the saved outputs take no gradient: no zeros for them
-    ctx.acts, ctx.slopes, ctx.drop_ps, ctx.eps, ctx.syncs = acts, slopes, drop_ps, eps, syncs
-    ctx.has_bias, ctx.has_gamma, ctx.has_beta, ctx.bn_modes = has_bias, has_gamma, has_beta, bn_modes
+    ctx.ints, ctx.floats = ints, floats
     ctx.sizes = len(body), len(weights), len(biases), len(gammas), len(betas), len(running_means)
 
 
 def _backward(ctx, grads):
     n_body, L, n_bias, n_gamma, n_beta, n_fixed = ctx.sizes
     grad_out = grads[0]
+    no_grads = [None] * n_body, [None] * n_fixed, [None] * n_fixed
     if grad_out is None:
-        return (None,) * 18
+        return (None, no_grads[0], None, None, None, None, *no_grads[1:], None, None, None)
     x, seeds, *rest = ctx.saved_tensors
     sizes = [L, n_gamma, n_beta, n_bias, n_fixed, n_fixed]
     weights, gammas, betas, biases, running_means, running_vars = (
         list(rest[sum(sizes[:i]):sum(sizes[:i + 1])]) for i in range(len(sizes)))
-    saved = rest[sum(sizes):]
     if R.differentiable(grad_out):  # create_graph=True or batched: chain_backward has no autograd
-        d_x, d_w, d_b, d_gamma, d_beta = _reference_backward(ctx, grad_out, x, seeds, weights, biases, gammas, betas,
-                                                             running_means, running_vars)
-        return (d_x, [None] * n_body, d_w, d_b, d_gamma, d_beta, [None] * n_fixed, [None] * n_fixed) + (None,) * 10
-    out = chain_backward(grad_out, x, list(weights), list(saved), list(gammas), list(betas), seeds, ctx.has_gamma,
-                         ctx.has_beta, ctx.bn_modes, ctx.acts, ctx.slopes, ctx.drop_ps, ctx.has_bias, ctx.syncs,
-                         ctx.needs_input_grad[0])
-    per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
-    d_w = [g[0] for g in per]
-    d_b = [g[1] for i, g in enumerate(per) if ctx.has_bias[i]]
-    d_gamma = [g[2] for i, g in enumerate(per) if ctx.has_gamma[i]]
-    d_beta = [g[3] for i, g in enumerate(per) if ctx.has_beta[i]]
-    d_x = out[0] if ctx.needs_input_grad[0] else None
-    # x, body, weights, biases, gammas, betas, running_means, running_vars, then seeds and the flag lists
-    return (d_x, [None] * n_body, d_w, d_b, d_gamma, d_beta, [None] * n_fixed, [None] * n_fixed) + (None,) * 10
+        d_x, d_w, d_b, d_gamma, d_beta = _reference_backward(unpack(ctx.ints, ctx.floats), grad_out, x, seeds, weights,
+                                                             biases, gammas, betas, running_means, running_vars)
+    else:
+        out = chain_backward(grad_out, x, weights, list(rest[sum(sizes):]), gammas, betas, seeds, ctx.ints,
+                             ctx.floats, ctx.needs_input_grad[0])
+        per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
+        specs = unpack(ctx.ints, ctx.floats)
+        d_w = [g[0] for g in per]
+        d_b = [g[1] for g, s in zip(per, specs) if s.has_bias]
+        d_gamma = [g[2] for g, s in zip(per, specs) if s.has_gamma]
+        d_beta = [g[3] for g, s in zip(per, specs) if s.has_beta]
+        d_x = out[0] if ctx.needs_input_grad[0] else None
+    # x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, ints, floats
+    return d_x, no_grads[0], d_w, d_b, d_gamma, d_beta, *no_grads[1:], None, None, None
 
 
-def _reference_backward(ctx, grad, x, seeds, weights, biases, gammas, betas, running_means, running_vars):
+def _reference_backward(specs, grad, x, seeds, weights, biases, gammas, betas, running_means, running_vars):
     """(d_x, d_w, d_b, d_gamma, d_beta) from a differentiable recomputation (dwfast.reference)."""
-    if any(ctx.syncs):  # as eager SyncBatchNorm, whose backward has no derivative either
+    if any(s.sync for s in specs):  # as eager SyncBatchNorm, whose backward has no derivative either
         raise NotImplementedError("dwfast: no double backward or batched gradients through synchronised BatchNorm")
-    fixed = [m == FIXED for m in ctx.bn_modes]
+    fixed = [s.bn_mode == FIXED for s in specs]
     run_means, run_vars = _expand(running_means, fixed), _expand(running_vars, fixed)
 
     def forward(x, weights, biases, gammas, betas):
-        return R.chain_reference(x, weights, _expand(biases, ctx.has_bias), _expand(gammas, ctx.has_gamma),
-                                 _expand(betas, ctx.has_beta), run_means, run_vars, seeds, ctx.bn_modes, ctx.acts,
-                                 ctx.slopes, ctx.drop_ps, ctx.eps)
+        return R.chain_reference(
+            x, weights, _expand(biases, [s.has_bias for s in specs]), _expand(gammas, [s.has_gamma for s in specs]),
+            _expand(betas, [s.has_beta for s in specs]), run_means, run_vars, seeds, [s.bn_mode for s in specs],
+            [s.act for s in specs], [s.slope for s in specs], [s.drop_p for s in specs], [s.eps for s in specs])
     return R.vjp(forward, [x, weights, biases, gammas, betas], grad)
 
 
@@ -345,37 +373,35 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     betas = [cast(bn.bias) if bn is not None else None for bn in bns]
     run_means = [cast(bn.running_mean) if bn is not None else None for bn in bns]
     run_vars = [cast(bn.running_var) if bn is not None else None for bn in bns]
-    modes = [NO_BN if bn is None else BATCH if uses_batch_stats(bn) else FIXED for bn in bns]
-    acts, slopes = zip(*(act_spec(b.act) for b in blocks))
-    acts, slopes = [K.ACTIVATIONS[a] for a in acts], list(slopes)
-    drop_ps = [float(b.dropout.p) if b.dropout is not None and b.dropout.training else 0.0 for b in blocks]
-    eps = [float(bn.eps) if bn is not None else 0.0 for bn in bns]
-    syncs = [D.group_id(bn) if D.needs_sync(bn) else 0 for bn in bns]
+    specs = []
+    for blk, bias, gamma, beta in zip(blocks, biases, gammas, betas):
+        bn, (act, slope) = blk.bn, act_spec(blk.act)
+        drop_p = float(blk.dropout.p) if blk.dropout is not None and blk.dropout.training else 0.0
+        mode = NO_BN if bn is None else BATCH if uses_batch_stats(bn) else FIXED
+        specs.append(Spec(
+            bias is not None, gamma is not None, beta is not None, mode, bn is not None and updates_running_stats(bn),
+            bn is not None and bn.momentum is None, K.ACTIVATIONS[act], D.group_id(bn) if D.needs_sync(bn) else 0,
+            slope, drop_p, float(bn.eps) if bn is not None else 0.0, float(bn.momentum or 0.0) if bn else 0.0))
     x = lin_cast(x)
-    seeds = [draw_seed(x.device) for p in drop_ps if p > 0]
+    seeds = [draw_seed(x.device) for s in specs if s.drop_p > 0]
     seeds = torch.cat(seeds) if seeds else x.new_empty(0, dtype=torch.int64)  # (cat: one launch, with dropout)
-    flags = ([b is not None for b in biases], [g is not None for g in gammas], [b is not None for b in betas])
+    ints, floats = pack(specs)
 
     # the blocks up to the last one that updates running statistics run in chain_body
-    tracked = [bn is not None and updates_running_stats(bn) for bn in bns]
-    n = max([i + 1 for i, t in enumerate(tracked) if t] or [0])
-    body = new_saved(x, weights[:n], modes[:n])
+    n = max([i + 1 for i, s in enumerate(specs) if s.tracked] or [0])
+    body = new_saved(x, weights[:n], specs[:n])
     if n:
-        running = [m == FIXED or t for m, t in zip(modes, tracked)][:n]
+        running = [s.bn_mode == FIXED or s.tracked for s in specs[:n]]
+        num_batches = [bn.num_batches_tracked for bn, s in zip(bns, specs[:n]) if s.tracked]
         with torch.no_grad():
-            chain_body(
-                x, body[0::_PER_BLOCK], body[1::_PER_BLOCK], weights[:n], _present(biases[:n]), _present(gammas[:n]), _present(betas[:n]),
-                _present(run_means[:n], running), _present(run_vars[:n], running),
-                [bn.num_batches_tracked for bn, t in zip(bns, tracked) if t], seeds, *(f[:n] for f in flags),
-                modes[:n], tracked[:n], acts[:n], slopes[:n], drop_ps[:n], eps[:n],
-                [float(bn.momentum or 0.0) if bn is not None else 0.0 for bn in bns[:n]],
-                [bn is not None and bn.momentum is None for bn in bns[:n]], syncs[:n])
+            chain_body(x, body[0::_PER_BLOCK], body[1::_PER_BLOCK], weights[:n], _present(biases[:n]),
+                       _present(gammas[:n]), _present(betas[:n]), _present(run_means[:n], running),
+                       _present(run_vars[:n], running), num_batches, seeds, ints[:n * _INTS], floats[:n * _FLOATS])
         for i in range(n):
-            if tracked[i] and run_means[i] is not bns[i].running_mean:  # upcast copies: write back
+            if specs[i].tracked and run_means[i] is not bns[i].running_mean:  # upcast copies: write back
                 bns[i].running_mean.copy_(run_means[i])
                 bns[i].running_var.copy_(run_vars[i])
-    fixed = [m == FIXED for m in modes]
+    fixed = [s.bn_mode == FIXED for s in specs]
     res = chain_forward(x, body, weights, _present(biases), _present(gammas), _present(betas),
-                        _present(run_means, fixed), _present(run_vars, fixed), seeds, *flags, modes, acts, slopes,
-                        drop_ps, eps, syncs)
+                        _present(run_means, fixed), _present(run_vars, fixed), seeds, ints, floats)
     return res[0].to(dtype)

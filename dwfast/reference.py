@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels as K
-from .chain import BATCH, FIXED, NO_BN
+from .chain import BATCH, NO_BN
 
 # Activation codes (kernels.ACTIVATIONS) -> eager functions of (y, LeakyReLU slope).
 _ACTS = {

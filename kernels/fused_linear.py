@@ -48,7 +48,6 @@ Every site that applies a block's activation takes the same argument group:
     seed_ptr, drop_p, drop_scale       dropout: int64 seed on the device, p, 1 / (1 - p)
     slope                              LeakyReLU's negative slope
 """
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -631,7 +630,7 @@ def _site(site: Site) -> tuple:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return launch.INTERPRET
 
 
 def num_sms() -> int:

@@ -17,21 +17,26 @@ import torch
 import triton
 from triton import knobs
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are decorated
 _compiled = {}
 
 
+def _tensor(t):
+    return t.dtype, not t.data_ptr() & 15
+
+
+def _int(n):
+    return (n == 1) + 2 * (not n & 15) + 4 * (n >= 2 ** 31)
+
+
+# What Triton specialises a launch on, per runtime argument: dtype and 16-byte alignment of a
+# pointer, an integer equal to 1 or divisible by 16 (or past 32 bits), a bool's value, None.
+_SPECIALISE = {torch.Tensor: _tensor, torch.nn.Parameter: _tensor, int: _int, bool: bool, float: type,
+               type(None): type}
+
+
 def _signature(args) -> tuple:
-    """What Triton specialises a launch on, per runtime argument (see the module docstring)."""
-    sig = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            sig.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool) or a is None or isinstance(a, float):
-            sig.append(a if a is None or isinstance(a, bool) else 0.5)
-        else:
-            sig.append((a == 1) + 2 * (a % 16 == 0) + 4 * (a >= 2 ** 31))
-    return tuple(sig)
+    return tuple([_SPECIALISE.get(type(a), _tensor)(a) for a in args])
 
 
 def cdiv(a: int, b: int) -> int:
@@ -53,7 +58,7 @@ def _hooked() -> bool:
 def run(kernel, grid, args, consts, num_warps: int, num_stages: int):
     """Launch `kernel` on `grid` (3 ints) with runtime `args` followed by its constexpr `consts`,
     both in the kernel's parameter order (runtime parameters first)."""
-    if _INTERPRET or _hooked():
+    if INTERPRET or _hooked():
         kernel[grid](*args, *consts, num_warps=num_warps, num_stages=num_stages)
         return
     driver = triton.runtime.driver.active

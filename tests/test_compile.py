@@ -12,8 +12,8 @@ from torch import nn
 
 import dwfast
 from conftest import requires_cuda
-from dwfast.kernels import ACTIVATIONS
 from dwfast import ops
+from dwfast.kernels import ACTIVATIONS
 from dwfast.ops import BATCH, FIXED, NO_BN, chain_backward, chain_body, chain_forward
 
 
@@ -80,96 +80,83 @@ def test_compiled_matches_eager_cuda(momentum):
 
 # ---------------------------------------------------------------- opcheck
 
-def _spec(x, widths, modes, acts, bias=True, affine=True, slopes=None, drop_ps=None, tracked=None,
-          cumulative=False):
-    """A chain's per-block tensors and flags for blocks x.shape[1] -> widths[0] -> ..., random
-    parameters; `acts` are names of kernels.ACTIVATIONS; `tracked` (default: every BATCH
-    block) update their running statistics."""
+def _sample(x, widths, modes, acts, bias=True, affine=True, slopes=None, drop_ps=None, tracked=None,
+            cumulative=False):
+    """A chain's tensors and packed options for blocks x.shape[1] -> widths[0] -> ..., random
+    parameters; `acts` are names of kernels.ACTIVATIONS; `tracked` (default: every BATCH block)
+    update their running statistics."""
     n = len(widths)
     tracked = tracked if tracked is not None else [m == BATCH for m in modes]
-    spec = dict(x=x, weights=[], biases=[], gammas=[], betas=[], running_means=[], running_vars=[], num_batches=[])
+    slopes, drop_ps = slopes or [0.0] * n, drop_ps or [0.0] * n
+    s = dict(x=x, weights=[], biases=[], gammas=[], betas=[], running_means=[], running_vars=[], num_batches=[],
+             fixed=[], specs=[])
     prev = x.shape[1]
-    for width, mode, track in zip(widths, modes, tracked):
-        spec["weights"].append(torch.randn(width, prev, requires_grad=True))
+    for i, (width, mode) in enumerate(zip(widths, modes)):
+        s["weights"].append(torch.randn(width, prev, requires_grad=True))
         if bias:
-            spec["biases"].append(torch.randn(width, requires_grad=True))
+            s["biases"].append(torch.randn(width, requires_grad=True))
         if mode != NO_BN and affine:
-            spec["gammas"].append(torch.rand(width).add(0.5).requires_grad_())
-            spec["betas"].append(torch.randn(width, requires_grad=True))
-        if mode == FIXED or track:
-            spec["running_means"].append(torch.randn(width))
-            spec["running_vars"].append(torch.rand(width) + 0.5)
-        if track:
-            spec["num_batches"].append(torch.tensor(3))
+            s["gammas"].append(torch.rand(width).add(0.5).requires_grad_())
+            s["betas"].append(torch.randn(width, requires_grad=True))
+        if mode == FIXED or tracked[i]:
+            s["running_means"].append(torch.randn(width))
+            s["running_vars"].append(torch.rand(width) + 0.5)
+            s["fixed"].append(mode == FIXED)
+        if tracked[i]:
+            s["num_batches"].append(torch.tensor(3))
+        has_bn = mode != NO_BN and affine
+        s["specs"].append(ops.Spec(bias, has_bn, has_bn, mode, tracked[i], cumulative, ACTIVATIONS[acts[i]], 0,
+                                   slopes[i], drop_ps[i], 1e-5, 0.1))
         prev = width
-    drop_ps = drop_ps or [0.0] * n
-    has_bn = [mode != NO_BN and affine for mode in modes]
-    spec.update(
-        seeds=torch.randint(0, 2 ** 62, (sum(p > 0 for p in drop_ps),)),  # one per block with dropout
-        has_bias=[bias] * n, has_gamma=has_bn, has_beta=has_bn, bn_modes=modes, tracked=tracked,
-        acts=[ACTIVATIONS[a] for a in acts], slopes=slopes or [0.0] * n, drop_ps=drop_ps, eps=[1e-5] * n,
-        momentums=[0.1] * n, cumulative=[cumulative] * n, syncs=[0] * n)
-    return spec
-
-
-def _forward_args(spec, body):
-    """chain_forward's arguments: the FIXED blocks' running statistics only."""
-    fixed, k = [], 0
-    for mode, track in zip(spec["bn_modes"], spec["tracked"]):
-        if mode == FIXED or track:
-            fixed.append(mode == FIXED)
-    pick = lambda ts: [t for t, f in zip(ts, fixed) if f]  # noqa: E731
-    s = spec
-    return (s["x"], body, s["weights"], s["biases"], s["gammas"], s["betas"], pick(s["running_means"]),
-            pick(s["running_vars"]), s["seeds"], s["has_bias"], s["has_gamma"], s["has_beta"], s["bn_modes"],
-            s["acts"], s["slopes"], s["drop_ps"], s["eps"], s["syncs"])
+    s["seeds"] = torch.randint(0, 2 ** 62, (sum(p > 0 for p in drop_ps),))  # one per block with dropout
+    return s
 
 
 SAMPLES = {
-    "transposed_x": lambda: _spec(torch.randn(8, 21).t(), [10, 5], [BATCH, NO_BN], ["relu", "none"]),
-    "strided_x_last_act": lambda: _spec(torch.randn(21, 16)[:, ::2], [9, 4], [BATCH, BATCH], ["relu", "relu"],
-                                        cumulative=True),
-    "fixed_no_bias": lambda: _spec(torch.randn(19, 7), [10, 3], [FIXED, NO_BN], ["relu", "none"], bias=False),
-    "no_affine": lambda: _spec(torch.randn(19, 7), [10, 3], [BATCH, FIXED], ["relu", "relu"], affine=False),
-    "untracked": lambda: _spec(torch.randn(19, 7), [10, 3], [BATCH, NO_BN], ["relu", "none"], tracked=[False, False]),
-    "gelu_leaky_dropout": lambda: _spec(torch.randn(19, 7), [10, 3], [BATCH, NO_BN], ["gelu", "leaky_relu"],
-                                        slopes=[0.0, 0.1], drop_ps=[0.3, 0.2]),
+    "transposed_x": lambda: _sample(torch.randn(8, 21).t(), [10, 5], [BATCH, NO_BN], ["relu", "none"]),
+    "strided_x_last_act": lambda: _sample(torch.randn(21, 16)[:, ::2], [9, 4], [BATCH, BATCH], ["relu", "relu"],
+                                          cumulative=True),
+    "fixed_no_bias": lambda: _sample(torch.randn(19, 7), [10, 3], [FIXED, NO_BN], ["relu", "none"], bias=False),
+    "no_affine": lambda: _sample(torch.randn(19, 7), [10, 3], [BATCH, FIXED], ["relu", "relu"], affine=False),
+    "untracked": lambda: _sample(torch.randn(19, 7), [10, 3], [BATCH, NO_BN], ["relu", "none"],
+                                 tracked=[False, False]),
+    "gelu_leaky_dropout": lambda: _sample(torch.randn(19, 7), [10, 3], [BATCH, NO_BN], ["gelu", "leaky_relu"],
+                                          slopes=[0.0, 0.1], drop_ps=[0.3, 0.2]),
 }
+
+
+def _detach(ts):
+    return [t.detach() for t in ts]
 
 
 @pytest.mark.parametrize("sample", SAMPLES)
 def test_opcheck(kernel_device, sample):
-    """chain_body on the blocks up to the last tracked one, chain_forward with its autograd on
-    the rest, then chain_backward on the saved tensors."""
+    """chain_body on the blocks up to the last tracked one (as ops.chain calls it: no grad),
+    chain_forward with its autograd on the rest, then chain_backward on the saved tensors."""
     with kernel_device:
-        spec = SAMPLES[sample]()
-        grad_out = torch.randn(spec["weights"][-1].shape[0], spec["x"].shape[0]).t()  # non-contiguous too
-    spec["x"].requires_grad_()
-    n = max((i + 1 for i, t in enumerate(spec["tracked"]) if t), default=0)
-    body = []
+        s = SAMPLES[sample]()
+        grad_out = torch.randn(s["weights"][-1].shape[0], s["x"].shape[0]).t()  # non-contiguous too
+    s["x"].requires_grad_()
+    specs = s["specs"]
+    ints, floats = ops.pack(specs)
+    n = max([i + 1 for i, spec in enumerate(specs) if spec.tracked] or [0])
+    body = ops.new_saved(s["x"], s["weights"][:n], specs[:n])
     if n:
-        body = ops.new_saved(spec["x"], spec["weights"][:n], spec["bn_modes"][:n])
-        spec.update(zs=body[0::2], vecs=body[1::2])
-        names = ["x", "zs", "vecs", "weights", "biases", "gammas", "betas", "running_means", "running_vars", "num_batches",
-                 "seeds", "has_bias", "has_gamma", "has_beta", "bn_modes", "tracked", "acts", "slopes", "drop_ps",
-                 "eps", "momentums", "cumulative", "syncs"]
-        per_block = {"weights", "has_bias", "has_gamma", "has_beta", "bn_modes", "tracked", "acts", "slopes",
-                     "drop_ps", "eps", "momentums", "cumulative", "syncs"}
-        detach = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731 (it runs under no_grad)
-        args = [spec[k][:n] if k in per_block else spec[k] for k in names]
-        args = [[detach(a) for a in arg] if isinstance(arg, list) else detach(arg) for arg in args]
-        torch.library.opcheck(chain_body, tuple(args))
+        per_block = lambda key, flag: _detach(s[key][:sum(flag(sp) for sp in specs[:n])])  # noqa: E731
+        args = (s["x"].detach(), body[0::2], body[1::2], _detach(s["weights"][:n]),
+                per_block("biases", lambda sp: sp.has_bias), per_block("gammas", lambda sp: sp.has_gamma),
+                per_block("betas", lambda sp: sp.has_beta), _detach(s["running_means"]), _detach(s["running_vars"]),
+                s["num_batches"], s["seeds"], ints[:n * 8], floats[:n * 4])
+        torch.library.opcheck(chain_body, args)
         with torch.no_grad():
             chain_body(*args)
-    args = _forward_args(spec, body)
+    pick = lambda ts: [t for t, f in zip(ts, s["fixed"]) if f]  # noqa: E731
+    args = (s["x"], body, s["weights"], s["biases"], s["gammas"], s["betas"], pick(s["running_means"]),
+            pick(s["running_vars"]), s["seeds"], ints, floats)
     torch.library.opcheck(chain_forward, args)
     with torch.no_grad():
         res = chain_forward(*args)
-    saved = body + res[1:]
-    s = spec
     for input_grad in (True, False):
-        torch.library.opcheck(chain_backward, (
-            grad_out, s["x"].detach(), [w.detach() for w in s["weights"]], saved,
-            [g.detach() for g in s["gammas"]], [b.detach() for b in s["betas"]], s["seeds"], s["has_gamma"],
-            s["has_beta"], s["bn_modes"], s["acts"], s["slopes"], s["drop_ps"], s["has_bias"], s["syncs"],
-            input_grad))
+        torch.library.opcheck(chain_backward, (grad_out, s["x"].detach(), _detach(s["weights"]), body + res[1:],
+                                               _detach(s["gammas"]), _detach(s["betas"]), s["seeds"], ints, floats,
+                                               input_grad))

@@ -50,7 +50,8 @@ def cast(blocks, dtype, device):
     """A deep copy of `blocks` in `dtype` on `device`."""
     out = []
     for b in copy.deepcopy(blocks):
-        out.append(b._replace(linear=b.linear.to(device, dtype), bn=b.bn.to(device, dtype) if b.bn is not None else None))
+        bn = b.bn.to(device, dtype) if b.bn is not None else None
+        out.append(b._replace(linear=b.linear.to(device, dtype), bn=bn))
     return out
 
 

@@ -198,8 +198,9 @@ def test_bad_input_raises_and_changes_nothing(backend, case):
         plain_mlp(6, [8, 8], 2)(x)
 
 
-@pytest.mark.parametrize("dtype,hint", [(torch.int64, "x.to(torch.float32)"),
-                                         (torch.float64, "x.to(torch.float32) or the model with model.to(torch.float64)")])
+@pytest.mark.parametrize("dtype,hint", [
+    (torch.int64, "x.to(torch.float32)"),
+    (torch.float64, "x.to(torch.float32) or the model with model.to(torch.float64)")])
 def test_dtype_error_suggests_float_dtypes(backend, dtype, hint):
     """The dtype error's hint: cast the input, or the model only to a float dtype."""
     with pytest.raises(RuntimeError, match="must have the same dtype") as info:
