@@ -108,8 +108,8 @@ def fused_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     dtype or device and ``ValueError`` for a batch of one with batch statistics or an eps
     that F.batch_norm refuses, before touching any state. Inputs the kernels don't handle
     (not 2-D, empty, other dtypes, functorch transforms) run through eager PyTorch. Under
-    ``torch.autocast`` it follows eager's autocast (see :func:`dwfast.ops.chain`); it traces under ``torch.compile(fullgraph=True)``, also with
-    ``BatchNorm1d(momentum=None)``.
+    ``torch.autocast`` it follows eager's autocast (see :func:`dwfast.ops.chain`); it traces
+    under ``torch.compile(fullgraph=True)``, also with ``BatchNorm1d(momentum=None)``.
     """
     _validate(x, blocks)
     if is_reference(x.device) or not _fusable(x, blocks):
