@@ -192,8 +192,9 @@ def _waits(sass, opcode: str) -> List[int]:
     return [int(args.rsplit(",", 1)[1], 0) for _, op, args in sass if op == opcode and "," in args]
 
 
-def _main_loop(sass, counted) -> Optional[list]:
-    """The instructions of the innermost loop with the most instructions in `counted`."""
+def _mma_loops(sass, counted) -> List[list]:
+    """The instructions of every innermost loop holding instructions in `counted`, in address
+    order (a kernel whose programs take different roles has a main loop per role)."""
     loops = []
     for addr, op, args in sass:
         target = args.split()[-1] if args else ""
@@ -202,10 +203,7 @@ def _main_loop(sass, counted) -> Optional[list]:
     hits = {lp: sum(lp[0] <= a <= lp[1] and op.split(".")[0] in counted for a, op, _ in sass) for lp in loops}
     loops = [lp for lp in loops if hits[lp]]
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-    if not inner:
-        return None
-    start, end = max(inner, key=hits.get)
-    return [ins for ins in sass if start <= ins[0] <= end]
+    return [[ins for ins in sass if start <= ins[0] <= end] for start, end in sorted(inner)]
 
 
 def _pipelining(body) -> tuple:
@@ -230,6 +228,7 @@ class Analysis(NamedTuple):
     loop: Optional[dict]  # main loop: cp.async / wgmma wait depths, barriers (None without a dot)
     loads: dict           # "ld 16" etc. -> instructions, in the main loop (the kernel without a dot)
     overlap: Optional[bool]
+    loops: tuple = ()     # (loop, loads, overlap) of every main loop, in address order
 
 
 _analyses: Dict[str, Analysis] = {}
@@ -248,14 +247,20 @@ def analyse(launch) -> Analysis:
     spills = {kind: sum(_width(op) for _, op, _ in sass if op.split(".")[0] == kind) for kind in ("STL", "LDL")}
     mma_ops = sorted({op for _, op, _ in sass if op.split(".")[0] in _MMA})
     mma = tuple(sorted({_MMA[op.split(".")[0]] for op in mma_ops})) or (("fma",) if has_dot else ())
-    loop = overlap = None
-    body = sass
+    loops = []
     if has_dot:
-        body = _main_loop(sass, set(_MMA) if mma_ops else {"FFMA"}) or []
-        loop, overlap = _pipelining(body)
-    loads = _loads(body)
+        counted = set(_MMA) if mma_ops else {"FFMA"}
+        bodies = _mma_loops(sass, counted) or [[]]
+        for body in bodies:
+            loop, overlap = _pipelining(body)
+            loops.append((loop, dict(_loads(body).most_common()), overlap))
+        # the main loop: the one with the most MMA instructions
+        size = [sum(op.split(".")[0] in counted for _, op, _ in body) for body in bodies]
+        loop, loads, overlap = loops[size.index(max(size))]
+    else:
+        loop, loads, overlap = None, dict(_loads(sass).most_common()), None
     result = Analysis(_registers(path["cubin"]), spills["STL"], spills["LDL"], md.shared, mma, tuple(mma_ops), loop,
-                      dict(loads.most_common()), overlap)
+                      loads, overlap, tuple(loops))
     _analyses[md.hash] = result
     return result
 
@@ -280,33 +285,65 @@ def _short(name: str) -> str:
     return name.strip("_").removesuffix("_kernel")
 
 
+# Kernels whose programs take different roles, each with a main loop of its own: per kernel
+# and role in source order, (row name, argument holding how many programs take it (the next
+# ones; None: the rest), prefix of its tile meta-parameters, constexpr flag without which the
+# role is not compiled). Compiled roles' loops are in address order, as in the source.
+ROLES = {"linear_bwd": (("linear_dx", "DX_PROGRAMS", "DX_", "HAS_DX"),   # dX
+                        ("linear_dw", "DW_PROGRAMS", "DW_", "DW_MODE"),  # this block's dW
+                        ("linear_dwn", None, "NX_", "NEXT"))}          # the next block's, deferred
+
+
+def _roles(short: str, analysis: Analysis, flags: dict, sizes: dict, ctas: int) -> list:
+    """[(row name, CTAs, tile prefix, main loop or None)] of a launch: one per role with programs."""
+    roles = ROLES.get(short)
+    if not roles or not all(arg is None or arg in sizes for _, arg, _, _ in roles):
+        return [(short, ctas, "", None)]
+    compiled = [role for role in roles if role[3] is None or flags.get(role[3])]
+    out, left = [], ctas
+    for i, (name, arg, prefix, _) in enumerate(compiled):
+        n = sizes[arg] if arg is not None else left
+        left -= n
+        loop = analysis.loops[i] if len(analysis.loops) == len(compiled) else None
+        if n:
+            out.append((name, n, prefix, loop))
+    return out
+
+
 def rows(launches, sms: int) -> List[dict]:
-    """One row per distinct (compiled kernel, grid), in launch order."""
+    """One row per distinct (compiled kernel, grid, role), in launch order."""
     out, index, variants = [], {}, {}
     for launch in launches:
         key = launch.metadata.hash, launch.grid
         if key in index:
-            out[index[key]]["count"] += 1
+            for i in index[key]:
+                out[i]["count"] += 1
             continue
         short = _short(launch.name)
-        seen = variants.setdefault(short, [])
-        if launch.metadata.hash not in seen:
-            seen.append(launch.metadata.hash)
         flags, plain = _specialisation(launch.src)
         names = launch.src.fn.arg_names
         sizes = {}
         if len(launch.args) == len(names):
             sizes = {n: v for n, v in zip(names, launch.args)
                      if isinstance(v, int) and not isinstance(v, bool) and n not in flags}
+        analysis = analyse(launch)
+        index[key] = []
         ctas = launch.grid[0] * launch.grid[1] * launch.grid[2]
-        index[key] = len(out)
-        out.append(dict(
-            kernel=short, variant=seen.index(launch.metadata.hash) + 1, count=1, arch=launch.metadata.target.arch,
-            grid=list(launch.grid), ctas=ctas,
-            sm_fill=ctas / sms, tile=[flags[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in flags],
-            num_warps=launch.metadata.num_warps, num_stages=launch.metadata.num_stages,
-            flags={n: v for n, v in flags.items() if not n.startswith("BLOCK_")}, not_div16=plain, sizes=sizes,
-            hash=launch.metadata.hash, **analyse(launch)._asdict()))
+        for name, ctas, prefix, loop in _roles(short, analysis, flags, sizes, ctas):
+            seen = variants.setdefault(name, [])
+            if launch.metadata.hash not in seen:
+                seen.append(launch.metadata.hash)
+            fields = analysis._asdict()
+            if loop is not None:
+                fields.update(zip(("loop", "loads", "overlap"), loop))
+            index[key].append(len(out))
+            out.append(dict(
+                kernel=name, variant=seen.index(launch.metadata.hash) + 1, count=1, arch=launch.metadata.target.arch,
+                grid=list(launch.grid), ctas=ctas, sm_fill=ctas / sms,
+                tile=[flags[prefix + n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if prefix + n in flags],
+                num_warps=launch.metadata.num_warps, num_stages=launch.metadata.num_stages,
+                flags={n: v for n, v in flags.items() if "BLOCK_" not in n}, not_div16=plain, sizes=sizes,
+                hash=launch.metadata.hash, **fields))
     for row in out:  # a variant number only where a kernel compiled more than one way
         row["label"] = row["kernel"] + (f".{row['variant']}" if len(variants[row["kernel"]]) > 1 else "")
     return out

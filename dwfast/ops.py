@@ -100,8 +100,10 @@ def _run(x, h, site, weights, biases, norms, sites, specs, start: int, zs=None) 
     (z written into `zs` when given). A synchronised block (mode PARTIALS) has its statistics
     merged across its group between its GEMM and the next."""
     saved = []
-    for i in range(start, len(weights)):
-        h, partials = K.linear_fwd(h, weights[i], biases[i], site, norms[i], out=zs[i] if zs else None)
+    for i in range(start, len(specs)):
+        # the next block's weight (in chain_body too: its aligned copy goes behind z's rows)
+        h, partials = K.linear_fwd(h, weights[i], biases[i], site, norms[i], out=zs[i] if zs else None,
+                                   next_weight=weights[i + 1] if i + 1 < len(weights) else None, chained=i > 0)
         if partials is not None:
             _synced_stats(partials, x.shape[0], norms[i], specs[i].sync)
         site = sites[i]
@@ -110,10 +112,13 @@ def _run(x, h, site, weights, biases, norms, sites, specs, start: int, zs=None) 
 
 
 def new_saved(x, weights, specs) -> List[Tensor]:
-    """Uninitialised per-block [z, vec] buffers for `weights`' blocks on x's batch."""
+    """Uninitialised per-block [z, vec] buffers for `specs`' blocks on x's batch, as linear_fwd
+    allocates them: a z that a next block reads (`weights` has one more) is a
+    kernels.new_activation."""
     saved = []
-    for w, s in zip(weights, specs):
-        saved += [x.new_empty(x.shape[0], w.shape[0]),
+    for i, (w, s) in enumerate(zip(weights, specs)):
+        nxt = weights[i + 1] if i + 1 < len(weights) else None
+        saved += [K.new_activation(x.shape[0], w.shape[0], x, nxt) if nxt is not None else x.new_empty(x.shape[0], w.shape[0]),
                   K.new_vec(w.shape[0], x.device) if s.bn_mode != NO_BN else x.new_empty(0)]
     return saved
 
@@ -131,7 +136,9 @@ def chain_body(
     does. (Mutated outputs rather than returned ones: PyTorch cannot functionalise an op that
     both mutates and returns a list.)
 
-    `ints`, `floats`: the blocks' `Spec`s, packed. `biases` of the blocks with `has_bias`,
+    `ints`, `floats`: the blocks' `Spec`s, packed. `weights`: the blocks', then the next block's
+    when there is one (whose aligned copy goes behind the last z, kernels.new_activation).
+    `biases` of the blocks with `has_bias`,
     `gammas`/`betas` of those with `has_gamma`/`has_beta`; `running_means`/`running_vars` of
     the FIXED and the tracked blocks, `num_batches` of the tracked ones. Dropout masks are keyed
     on `seeds` (int64, one per block with dropout).
@@ -256,11 +263,12 @@ def chain_backward(
     if not sites[-1].identity:
         g_y, dgamma, dbeta, partials = K.act_bwd(g_y, zs[-1], sites[-1], norms[-1])
         bn_grads(L - 1, dgamma, dbeta, partials)
+    later = None  # a block's dW that its launch left to the next one (kernels.linear_bwd)
     for i in reversed(range(L)):
         site_in, norm_in, h = (sites[i - 1], norms[i - 1], zs[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM, x)
-        g_y, dw, db, dgamma, dbeta, partials = K.linear_bwd(
+        g_y, dw, db, dgamma, dbeta, partials, later = K.linear_bwd(
             g_y, zs[i] if zs[i].numel() else g_y, weights[i], norms[i], h, site_in, norm_in,
-            input_grad=i > 0 or input_grad, has_bias=specs[i].has_bias)
+            input_grad=i > 0 or input_grad, has_bias=specs[i].has_bias, chained=i > 0, deferred=later, defer=i > 0)
         grads[1 + 4 * i: 3 + 4 * i] = [dw, db if db is not None else x.new_empty(0)]
         if i > 0:
             bn_grads(i - 1, dgamma, dbeta, partials)
@@ -389,12 +397,12 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
 
     # the blocks up to the last one that updates running statistics run in chain_body
     n = max([i + 1 for i, s in enumerate(specs) if s.tracked] or [0])
-    body = new_saved(x, weights[:n], specs[:n])
+    body = new_saved(x, weights[:n + 1], specs[:n])
     if n:
         running = [s.bn_mode == FIXED or s.tracked for s in specs[:n]]
         num_batches = [bn.num_batches_tracked for bn, s in zip(bns, specs[:n]) if s.tracked]
         with torch.no_grad():
-            chain_body(x, body[0::_PER_BLOCK], body[1::_PER_BLOCK], weights[:n], _present(biases[:n]),
+            chain_body(x, body[0::_PER_BLOCK], body[1::_PER_BLOCK], weights[:n + 1], _present(biases[:n]),
                        _present(gammas[:n]), _present(betas[:n]), _present(run_means[:n], running),
                        _present(run_vars[:n], running), num_batches, seeds, ints[:n * _INTS], floats[:n * _FLOATS])
         for i in range(n):

@@ -73,6 +73,12 @@ A_PLAIN = tl.constexpr(0)   # as stored
 A_ACT_K = tl.constexpr(1)   # a = act(z): features along the reduction axis (forward)
 A_GRAD_K = tl.constexpr(2)  # g_z from g_y and z: features along the reduction axis (dX)
 A_GRAD_M = tl.constexpr(3)  # g_z^T from g_y and z: features along the rows (dW)
+A_ACT_M = tl.constexpr(4)   # a^T = act(z)^T: features along the rows (dW)
+
+# How a block's backward launch computes its dW (module docstring).
+DW_DEFERRED = tl.constexpr(0)   # in the next launch, from the g_z this one stores
+DW_GRAD_ROWS = tl.constexpr(1)  # g_z^T @ a_{l-1}: g_z built on load, a_{l-1} as stored (or built)
+DW_ACT_ROWS = tl.constexpr(2)   # (a_{l-1}^T @ g_y)^T: no BatchNorm, so g_z = g_y as stored
 
 SQRT_1_2 = tl.constexpr(0.7071067811865476)
 SQRT_2_PI = tl.constexpr(0.7978845608028654)
@@ -133,14 +139,15 @@ def _act_backward(g, y, slope, ACT: tl.constexpr):
 
 @triton.jit
 def _dropout(a, rows, cols, seed_ptr, drop_p, drop_scale, DROPOUT: tl.constexpr):
-    """a * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn by Philox at (seed, row, col).
+    """a * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn by Philox at (seed, row, col); `rows`
+    and `cols` index a's elements by broadcasting ([R, 1] and [1, C], or transposed).
 
     Multiplies rather than selects, so NaN and Inf propagate as in torch's dropout.
     """
     if DROPOUT:
         seed = tl.load(seed_ptr)
-        row_ids = (rows[:, None] + 0 * cols[None, :]).to(tl.uint32)
-        col_ids = (0 * rows[:, None] + cols[None, :]).to(tl.uint32)
+        row_ids = (rows + 0 * cols).to(tl.uint32)
+        col_ids = (0 * rows + cols).to(tl.uint32)
         bits, _, _, _ = tl.philox(seed, row_ids, col_ids, 0, 0)
         keep = tl.random.uint_to_uniform_float(bits) >= drop_p
         a = a * tl.where(keep, drop_scale, 0.0)
@@ -197,7 +204,7 @@ def _bn(z, center, scale, shift, HAS_BN: tl.constexpr):
 @triton.jit
 def _activate(z, rows, cols, center, scale, shift, seed_ptr, drop_p, drop_scale, slope,
               HAS_BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr):
-    """a = drop(act(bn(z))) for a [rows, cols] tile of z in fp32."""
+    """a = drop(act(bn(z))) for a tile of z in fp32, indexed as `_dropout` says."""
     a = _act_fn(_bn(z, center, scale, shift, HAS_BN), slope, ACT)
     return _dropout(a, rows, cols, seed_ptr, drop_p, drop_scale, DROPOUT)
 
@@ -228,26 +235,32 @@ def _wide(n):
 
 @triton.jit
 def _gemm_core(
-    # A [M, K] (and, in the A_GRAD modes, the z of the same shape and strides) and its transform:
-    # an activation site (A_ACT_K) or a BatchNorm backward (A_GRAD_*: u, v from a_uv)
-    a_ptr, za_ptr, stride_am, stride_ak, a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
+    # A [M, K] (and, in the A_GRAD modes, the z of the same shape) and its transform: an
+    # activation site (A_ACT_*) or a BatchNorm backward (A_GRAD_*: u, v from a_uv)
+    a_ptr, za_ptr, stride_am, stride_ak, stride_zam, stride_zak,
+    a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
     # B [K, N] and its activation site (features along N)
     b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
-    # tile coordinates and sizes
-    offs_m, offs_n, M, N, k_start, k_end,
+    # where T_A(A) is stored (STORE_A: rows up to sa_rows, columns up to a_k_ld)
+    sa_ptr, stride_sam, sa_rows,
+    # tile coordinates, sizes, and the bounds loads are masked by (module docstring: padded rows)
+    offs_m, offs_n, M, N, k_start, k_end, a_m_ld, a_k_ld, b_k_ld, b_n_ld,
     # meta-parameters
     A_MODE: tl.constexpr, A_BN: tl.constexpr, A_ACT: tl.constexpr, A_DROPOUT: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     B_MODE: tl.constexpr, B_BN: tl.constexpr, B_ACT: tl.constexpr, B_DROPOUT: tl.constexpr,
-    ROW_SUM: tl.constexpr,
+    ROW_SUM: tl.constexpr, COL_SUM: tl.constexpr, STORE_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """acc = T_A(A)[offs_m, k_start:k_end] @ T_B(B)[k_start:k_end, offs_n] in fp32.
 
-    In the A_*_K modes the features run along K and number k_end (k_start = 0); in A_GRAD_M
-    they run along M. B_MODE is A_PLAIN or A_ACT_K (B's activation, N features). Also returns
-    the row sums of T_A(A) over the k range when ROW_SUM (db in dW). Masked-out elements are
-    zeroed after the transform: act(0) is act(shift), not 0.
+    In the A_*_K modes the features run along K and number k_end (k_start = 0); in the A_*_M
+    modes (dW) they run along M and K is the batch. B_MODE is A_PLAIN or A_ACT_K (B's
+    activation, N features). Also returns the row sums of T_A(A) (ROW_SUM) and the column sums
+    of B (COL_SUM) over the k range: db in dW. Loads are masked by the `*_ld` bounds (>= the
+    sizes: padded rows are read whole, so the mask is constant over 16-element runs and loads
+    stay 16 bytes wide); transformed elements past the sizes are zeroed after the transform
+    (act(0) is act(shift), not 0).
     """
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -256,52 +269,68 @@ def _gemm_core(
     # Vectors indexed by rows or columns of the tile are loaded once, outside the k loop.
     if A_MODE == A_GRAD_M:
         m_center, m_scale, m_u, m_v = _grad_vectors(a_vec_ptr, a_uv_ptr, M, offs_m, mask_m, BATCH_STATS, 0)
+    if A_MODE == A_ACT_M:
+        m_center, m_scale, m_shift = _site_vectors(a_vec_ptr, M, offs_m, mask_m, A_BN, 0)
     if B_MODE == A_ACT_K:
         n_center, n_scale, n_shift = _site_vectors(b_vec_ptr, N, offs_n, mask_n, B_BN, 1)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # At least one step, and the compiler told so: with a loop that may not run, ptxas finds the
+    # accumulator set by moves on the skip path and serialises every wgmma of the kernel. (An
+    # empty range runs one step of masked loads: acc stays 0.)
+    k_stop = tl.maximum(k_end, k_start + 1)
+    tl.assume(k_stop > k_start)
+    for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        a_mask = mask_m[:, None] & mask_k[None, :]
-        a_offs = rows[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
-        a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
+        a_mask = (offs_m < a_m_ld)[:, None] & (offs_k < a_k_ld)[None, :]
+        ks = offs_k.to(tl.int64)[None, :]
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks * stride_ak, mask=a_mask, other=0.0)
         if A_MODE != A_PLAIN:
             a32 = a.to(tl.float32)
             if A_MODE == A_ACT_K:
                 center, scale, shift = _site_vectors(a_vec_ptr, k_end, offs_k, mask_k, A_BN, 1)
-                a32 = _activate(a32, offs_m, offs_k, center, scale, shift, a_seed_ptr, a_drop_p, a_drop_scale,
-                                a_slope, A_BN, A_ACT, A_DROPOUT)
+                a32 = _activate(a32, offs_m[:, None], offs_k[None, :], center, scale, shift, a_seed_ptr, a_drop_p,
+                                a_drop_scale, a_slope, A_BN, A_ACT, A_DROPOUT)
+            elif A_MODE == A_ACT_M:  # a^T: batch rows along K, for dropout's keys too
+                a32 = _activate(a32, offs_k[None, :], offs_m[:, None], m_center, m_scale, m_shift, a_seed_ptr,
+                                a_drop_p, a_drop_scale, a_slope, A_BN, A_ACT, A_DROPOUT)
             else:
-                z = tl.load(za_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+                z = tl.load(za_ptr + rows[:, None] * stride_zam + ks * stride_zak, mask=a_mask, other=0.0)
+                z = z.to(tl.float32)
                 if A_MODE == A_GRAD_K:
                     center, scale, u, v = _grad_vectors(a_vec_ptr, a_uv_ptr, k_end, offs_k, mask_k, BATCH_STATS, 1)
                     a32 = _bn_grad(a32, z, center, scale, u, v, BATCH_STATS)
                 else:
                     a32 = _bn_grad(a32, z, m_center, m_scale, m_u, m_v, BATCH_STATS)
-            a32 = tl.where(a_mask, a32, 0.0)
+            a32 = tl.where(mask_m[:, None] & mask_k[None, :], a32, 0.0)
             a = a32.to(a_ptr.dtype.element_ty)
+        if STORE_A:
+            tl.store(sa_ptr + rows[:, None] * stride_sam + ks, a, mask=(offs_m < sa_rows)[:, None] & (offs_k < a_k_ld)[None, :])
         if ROW_SUM:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
-        b_mask = mask_k[:, None] & mask_n[None, :]
+        b_mask = (offs_k < b_k_ld)[:, None] & (offs_n < b_n_ld)[None, :]
         b_offs = offs_k.to(tl.int64)[:, None] * stride_bk + cols[None, :] * stride_bn
         b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
         if B_MODE == A_ACT_K:
-            b32 = _activate(b.to(tl.float32), offs_k, offs_n, n_center, n_scale, n_shift, b_seed_ptr, b_drop_p,
-                            b_drop_scale, b_slope, B_BN, B_ACT, B_DROPOUT)
-            b = tl.where(b_mask, b32, 0.0).to(b_ptr.dtype.element_ty)
+            b32 = _activate(b.to(tl.float32), offs_k[:, None], offs_n[None, :], n_center, n_scale, n_shift,
+                            b_seed_ptr, b_drop_p, b_drop_scale, b_slope, B_BN, B_ACT, B_DROPOUT)
+            b = tl.where(mask_k[:, None] & mask_n[None, :], b32, 0.0).to(b_ptr.dtype.element_ty)
+        if COL_SUM:
+            col_sum += tl.sum(b.to(tl.float32), axis=0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc, row_sum
+    return acc, row_sum, col_sum
 
 
 @triton.jit
 def _grad_epilogue(
     g, offs_m, offs_n, M, N, pid_m, pid_n, row_tiles,
     # the block whose g_y this is: z, activation site, BatchNorm gradients (dgamma, dbeta, uv)
-    z_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr, dbeta_ptr, uv_ptr,
-    # outputs: g_y [M, N] (contiguous), column partials, tickets
-    g_ptr, part_ptr, ticket_ptr,
+    z_ptr, stride_zm, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr, dbeta_ptr, uv_ptr,
+    # outputs: g_y [M, N] (its padding too: columns up to ld_n), column partials, tickets
+    g_ptr, stride_gm, ld_n, part_ptr, ticket_ptr,
     BN_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
@@ -311,16 +340,16 @@ def _grad_epilogue(
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
-    g_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    g = _dropout(g, offs_m, offs_n, seed_ptr, drop_p, drop_scale, DROPOUT)
+    rows = offs_m.to(tl.int64)[:, None]
+    g = _dropout(g, offs_m[:, None], offs_n[None, :], seed_ptr, drop_p, drop_scale, DROPOUT)
     HAS_BN: tl.constexpr = BN_MODE != BN_NONE
     if HAS_BN or ACT != ACT_NONE:
-        z = tl.load(z_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         center, scale, shift = _site_vectors(vec_ptr, N, offs_n, mask_n, HAS_BN, 1)
         # the forward's expression, so y (and a ReLU mask) is the forward's exactly
         g = _act_backward(g, _bn(z, center, scale, shift, HAS_BN), slope, ACT)
-    g_out = g.to(g_ptr.dtype.element_ty)
-    tl.store(g_ptr + g_offs, g_out, mask=mask)
+    g_out = g.to(g_ptr.dtype.element_ty)  # 0 past N: zeros written into the padding
+    tl.store(g_ptr + rows * stride_gm + offs_n[None, :], g_out, mask=mask_m[:, None] & (offs_n < ld_n)[None, :])
     if HAS_BN:
         # statistics of the rounded values actually stored, as eager computes them
         xhat = (z - center) * _vec_row(vec_ptr, VEC_RSTD, N, offs_n, mask_n, 0.0, 1)
@@ -332,6 +361,21 @@ def _grad_epilogue(
 
 
 @triton.jit
+def _copy_padded(src_ptr, stride_r, stride_c, rows, cols, dst_ptr, ld, program, programs, BLOCK: tl.constexpr):
+    """This program's share of dst[r, c] = src[r, c] (c < cols), 0 (cols <= c < ld), for
+    rows x ld elements of dst, ld apart."""
+    total = _wide(rows) * ld
+    share = tl.cdiv(tl.cdiv(total, programs), BLOCK) * BLOCK
+    start = program * share
+    for i0 in range(start, tl.minimum(start + share, total), BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        r = idx // ld
+        c = idx % ld
+        v = tl.load(src_ptr + r * stride_r + c * stride_c, mask=(idx < total) & (c < cols), other=0.0)
+        tl.store(dst_ptr + idx, v, mask=idx < total)
+
+
+@triton.jit
 def _linear_fwd_kernel(
     # pointers: z = act_in(x) @ W^T + b
     x_ptr, w_ptr, bias_ptr, z_ptr,
@@ -339,26 +383,30 @@ def _linear_fwd_kernel(
     in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
     # this block's BatchNorm: partials [3, row_tiles, N], vectors [6, N], parameters, running stats
     part_ptr, vec_ptr, gamma_ptr, beta_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ticket_ptr, eps, momentum,
-    # sizes
-    M, N, K,
-    # strides (z is contiguous)
-    stride_xm, stride_xk, stride_wn, stride_wk,
+    # the next block's weight [nw_rows, N], copied behind z's rows with z's row stride (COPY_NEXT)
+    nw_ptr, stride_nwn, stride_nwk, nw_rows,
+    # sizes, and the bounds of x's and W's loads along K and of z's stores (padded rows)
+    M, N, K, ld_xk, ld_wk, ld_zn,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_zm,
     # meta-parameters
     IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, BN_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, COPY_NEXT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """z = act_in(x) @ W^T + b, and this block's BatchNorm vectors (see the module docstring)."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, _ = _gemm_core(
-        x_ptr, x_ptr, stride_xm, stride_xk, in_vec_ptr, None, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+    acc, _, _ = _gemm_core(
+        x_ptr, x_ptr, stride_xm, stride_xk, stride_xm, stride_xk,
+        in_vec_ptr, None, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
         w_ptr, stride_wk, stride_wn, None, None, 0.0, 0.0, 0.0,
-        offs_m, offs_n, M, N, 0, K,
+        None, 0, 0,
+        offs_m, offs_n, M, N, 0, K, M, ld_xk, ld_wk, N,
         IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False,
-        A_PLAIN, False, ACT_NONE, False, False,
+        A_PLAIN, False, ACT_NONE, False, False, False, False,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     mask_m = offs_m < M
@@ -366,8 +414,13 @@ def _linear_fwd_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    z = acc.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], z, mask=mask)
+    z = acc.to(z_ptr.dtype.element_ty)  # 0 past N (W's rows there load as 0): zeros into the padding
+    tl.store(z_ptr + offs_m.to(tl.int64)[:, None] * stride_zm + offs_n[None, :], z,
+             mask=mask_m[:, None] & (offs_n < ld_zn)[None, :])
+    if COPY_NEXT:
+        program = pid_m * tl.num_programs(1) + tl.program_id(1)
+        _copy_padded(nw_ptr, stride_nwn, stride_nwk, nw_rows, N, z_ptr + _wide(M) * stride_zm, stride_zm, program,
+                     tl.num_programs(0) * tl.num_programs(1), 1024)
     if BN_MODE == BN_FIXED:
         if pid_m == 0:
             _fixed_vectors(vec_ptr, run_mean_ptr, run_var_ptr, gamma_ptr, beta_ptr, eps, N, offs_n, mask_n,
@@ -386,159 +439,239 @@ def _linear_fwd_kernel(
 
 @triton.jit
 def _dx_program(
-    pid, g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
-    x_ptr, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr, in_uv_ptr,
-    g_in_ptr, g_part_ptr, ticket_ptr, M, N, K,
+    pid, g_y_ptr, stride_gm, z_ptr, stride_zm, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
+    x_ptr, stride_xm, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr,
+    in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, g_part_ptr, ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
-    IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
+    IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr, STORE_GZ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dX tile `pid` (row-major over [M, K]): g_y_{l-1} = act_in'(g_z @ W), its partials and
-    the previous block's BatchNorm gradients (module docstring)."""
+    the previous block's BatchNorm gradients (module docstring); with STORE_GZ the first
+    column tile's programs also store the g_z they build, for the next launch's dW."""
     col_tiles = tl.cdiv(K, BLOCK_N)
     pid_m = pid // col_tiles
     pid_n = pid % col_tiles
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, _ = _gemm_core(
-        g_y_ptr, z_ptr, N, 1, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
+    acc, _, _ = _gemm_core(
+        g_y_ptr, z_ptr, stride_gm, 1, stride_zm, 1, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
         w_ptr, stride_wn, stride_wk, None, None, 0.0, 0.0, 0.0,
-        offs_m, offs_n, M, K, 0, N,
+        gz_ptr, stride_gzm, tl.where(pid_n == 0, M, 0),
+        offs_m, offs_n, M, K, 0, N, M, ld_n, N, ld_wk,
         A_GRAD_K if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
-        A_PLAIN, False, ACT_NONE, False, False,
+        A_PLAIN, False, ACT_NONE, False, False, False, STORE_GZ,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     _grad_epilogue(
         acc, offs_m, offs_n, M, K, pid_m, pid_n, tl.cdiv(M, BLOCK_M),
-        x_ptr, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr,
-        in_uv_ptr, g_in_ptr, g_part_ptr, ticket_ptr,
+        x_ptr, stride_xm, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr,
+        in_uv_ptr, g_in_ptr, stride_gim, ld_gk, g_part_ptr, ticket_ptr,
         IN_BN_MODE, IN_HAS_GAMMA, IN_HAS_BETA, IN_ACT, IN_DROPOUT,
     )
 
 
 @triton.jit
 def _dw_program(
-    pid, g_y_ptr, z_ptr, vec_ptr, uv_ptr,
-    x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-    dw_ptr, db_ptr, dw_part_ptr, db_part_ptr, ticket_ptr, M, N, K, ROWS_PER_SPLIT,
-    HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
-    IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    pid,
+    # A^T [batch, DM] (features contiguous; the z of the same shape in A_GRAD_M) and its transform
+    a_ptr, za_ptr, stride_ak, stride_zak, a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
+    # B [batch, DN] and its transform
+    b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
+    # outputs: dW [DM, DN] ([DN, DM] when TRANSPOSED), db, fp32 partials, ticket counters
+    dw_ptr, db_ptr, part_ptr, ticket_ptr,
+    # sizes: M = batch; load bounds of A's and B's features (padded rows)
+    M, DM, DN, a_m_ld, b_n_ld, ROWS_PER_SPLIT,
+    A_MODE: tl.constexpr, A_BN: tl.constexpr, A_ACT: tl.constexpr, A_DROPOUT: tl.constexpr,
+    BATCH_STATS: tl.constexpr, B_MODE: tl.constexpr, B_BN: tl.constexpr, B_ACT: tl.constexpr,
+    B_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dW tile `pid % tiles` over batch chunk `pid // tiles`: g_z^T @ a_{l-1}, and db; with
-    SPLIT, fp32 partials that the chunk finishing last sums in chunk order."""
-    col_tiles = tl.cdiv(K, BLOCK_N)
-    tiles = tl.cdiv(N, BLOCK_M) * col_tiles
+    """Tile `pid % tiles` of A^T B over batch chunk `pid // tiles`, and db: the row sums of
+    T_A(A) or, TRANSPOSED (the product is dW^T), the column sums of B. With SPLIT, fp32
+    partials [splits, DM * DN] then [splits, len(db)] that the chunk finishing last sums in
+    chunk order."""
+    col_tiles = tl.cdiv(DN, BLOCK_N)
+    tiles = tl.cdiv(DM, BLOCK_M) * col_tiles
     tile = pid % tiles
     split = pid // tiles
     offs_m = (tile // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tile % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = split * ROWS_PER_SPLIT
-    acc, row_sum = _gemm_core(
-        g_y_ptr, z_ptr, 1, N, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
-        x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-        offs_m, offs_n, N, K, k_start, tl.minimum(k_start + ROWS_PER_SPLIT, M),
-        A_GRAD_M if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
-        IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, HAS_BIAS,
+    k_end = tl.minimum(k_start + ROWS_PER_SPLIT, M)
+    acc, row_sum, col_sum = _gemm_core(
+        a_ptr, za_ptr, 1, stride_ak, 1, stride_zak, a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
+        b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
+        None, 0, 0,
+        offs_m, offs_n, DM, DN, k_start, k_end, a_m_ld, k_end, k_end, b_n_ld,
+        A_MODE, A_BN, A_ACT, A_DROPOUT, BATCH_STATS,
+        B_MODE, B_BN, B_ACT, B_DROPOUT, HAS_BIAS and not TRANSPOSED, HAS_BIAS and TRANSPOSED, False,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
-    mask_m = offs_m < N
-    mask = mask_m[:, None] & (offs_n < K)[None, :]
-    d_offs = offs_m.to(tl.int64)[:, None] * K + offs_n[None, :]
-    mask_db = offs_m < tl.where(tile % col_tiles == 0, N, 0)  # the first column tile sums db
+    mask = (offs_m < DM)[:, None] & (offs_n < DN)[None, :]
+    # (int32 offsets: a weight has fewer than 2^31 elements, and 64-bit ones for a whole tile
+    # cost registers enough to spill)
+    if TRANSPOSED:
+        d_offs = offs_n[None, :] * DM + offs_m[:, None]
+        db_len = DN
+        sums = col_sum
+        offs_db = offs_n
+        mask_db = offs_n < tl.where(tile // col_tiles == 0, DN, 0)  # the first row tile sums db
+    else:
+        d_offs = offs_m[:, None] * DN + offs_n[None, :]
+        db_len = DM
+        sums = row_sum
+        offs_db = offs_m
+        mask_db = offs_m < tl.where(tile % col_tiles == 0, DM, 0)  # the first column tile sums db
     if SPLIT:
-        plane = _wide(N) * K
-        tl.store(dw_part_ptr + split * plane + d_offs, acc, mask=mask)
-        if HAS_BIAS:
-            tl.store(db_part_ptr + split * N + offs_m, row_sum, mask=mask_db)
+        plane = _wide(DM) * DN
         splits = tl.cdiv(M, ROWS_PER_SPLIT)
+        db_part_ptr = part_ptr + splits * plane
+        tl.store(part_ptr + split * plane + d_offs, acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(db_part_ptr + split * db_len + offs_db, sums, mask=mask_db)
         if _ticket(ticket_ptr + tile, splits):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc = tl.zeros_like(acc)
+            sums = tl.zeros_like(sums)
             for s in range(0, splits):
-                acc += tl.load(dw_part_ptr + s * plane + d_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                acc += tl.load(part_ptr + s * plane + d_offs, mask=mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
-                    row_sum += tl.load(db_part_ptr + s * N + offs_m, mask=mask_db, other=0.0, cache_modifier=".cg")
+                    sums += tl.load(db_part_ptr + s * db_len + offs_db, mask=mask_db, other=0.0, cache_modifier=".cg")
             tl.store(dw_ptr + d_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
             if HAS_BIAS:
-                tl.store(db_ptr + offs_m, row_sum.to(db_ptr.dtype.element_ty), mask=mask_db)
+                tl.store(db_ptr + offs_db, sums.to(db_ptr.dtype.element_ty), mask=mask_db)
     else:
         tl.store(dw_ptr + d_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
-            tl.store(db_ptr + offs_m, row_sum.to(db_ptr.dtype.element_ty), mask=mask_db)
+            tl.store(db_ptr + offs_db, sums.to(db_ptr.dtype.element_ty), mask=mask_db)
+
+
+@triton.jit
+def _dw_scratch(M, DM, DN, ROWS_PER_SPLIT, SPLIT: tl.constexpr):
+    """fp32 scratch elements of a dW role's partials (0 without SPLIT), as `dw_scratch` counts."""
+    n = _wide(0)
+    if SPLIT:
+        n += tl.cdiv(M, ROWS_PER_SPLIT) * (_wide(DM) * DN + tl.maximum(DM, DN))
+    return n
+
+
+@triton.jit
+def _dw_tiles(N, K, DW_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Output tiles (ticket counters) of this block's dW role."""
+    tiles = 0
+    if DW_MODE == DW_GRAD_ROWS:
+        tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(K, BLOCK_N)
+    elif DW_MODE == DW_ACT_ROWS:
+        tiles = tl.cdiv(K, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    return tiles
 
 
 @triton.jit
 def _linear_bwd_kernel(
-    # this block: g_y and z [M, N] (contiguous), its vectors and u, v, its weight W [N, K]
-    g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
+    # this block: g_y and z [M, N], its vectors and u, v, its weight W [N, K] (or W's aligned copy)
+    g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr,
     # the previous block: a_{l-1} = act_in(x), x = z_{l-1} (or the chain's input); its site and
     # BatchNorm gradients
-    x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-    in_dgamma_ptr, in_dbeta_ptr, in_uv_ptr,
-    # outputs: g_y_{l-1} [M, K] (contiguous), dW [N, K], db [N]
-    g_in_ptr, dw_ptr, db_ptr,
-    # fp32 scratch: dW's split partials [splits, N, K] and db's [splits, N] (with SPLIT), then the
-    # dX programs' partials [2, row_tiles, K]; ticket counters: the dX column tiles', then dW's
+    x_ptr, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr, in_uv_ptr,
+    # outputs: g_y_{l-1} [M, K], dW [N, K], db [N]; this block's g_z [M, N] for the next launch
+    # (STORE_GZ: its dW is deferred to that launch)
+    g_in_ptr, dw_ptr, db_ptr, gz_ptr,
+    # the next block's dW, deferred to this launch (NEXT): its g_z [M, NN] (the last launch's
+    # gz), this block's activation (with vec_ptr), dW [NN, N], db [NN]
+    nx_gz_ptr, seed_ptr, drop_p, drop_scale, slope, nx_dw_ptr, nx_db_ptr,
+    # fp32 scratch: the dW roles' partials (with SPLIT, NX_SPLIT), then the dX programs' [2,
+    # row_tiles, K]; ticket counters: the dX column tiles', then each dW role's tiles'
     scratch_ptr, ticket_ptr,
-    # sizes: M = batch, N = out_features, K = in_features; the first DX_PROGRAMS programs do dX
-    M, N, K, ROWS_PER_SPLIT, DX_PROGRAMS,
+    # sizes: M = batch, N = out_features, K = in_features, NN = the next block's out_features;
+    # load bounds of g_y and z along N, of W along K, of x along K, of g_y_{l-1}'s stores, of
+    # the next block's g_z along NN (padded rows: module docstring)
+    M, N, K, NN, ld_n, ld_wk, ld_xk, ld_gk, ld_nn,
+    # row strides (columns are contiguous, but x's and W's: the chain's input and the weight
+    # may have any strides)
+    stride_gm, stride_zm, stride_wn, stride_wk, stride_xm, stride_xk, stride_gim, stride_gzm, stride_nxm,
+    # programs: the first DX_PROGRAMS do dX, the next DW_PROGRAMS this block's dW, the rest the
+    # next block's; each dW role's batch chunks
+    DX_PROGRAMS, DW_PROGRAMS, ROWS_PER_SPLIT, NX_ROWS_PER_SPLIT,
     # meta-parameters
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
     IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
-    IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_DX: tl.constexpr, IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
+    DW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    NEXT: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, NX_HAS_BIAS: tl.constexpr, NX_SPLIT: tl.constexpr,
     DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
-    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
+    NX_BLOCK_M: tl.constexpr, NX_BLOCK_N: tl.constexpr, NX_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One block's backward: the dX programs, then the dW programs (module docstring)."""
+    """One block's backward: the dX programs, this block's dW programs and the next block's
+    (module docstring)."""
     pid = tl.program_id(0)
-    dw_part_ptr = scratch_ptr
-    db_part_ptr = scratch_ptr + tl.cdiv(M, ROWS_PER_SPLIT) * _wide(N) * K
-    g_part_ptr = scratch_ptr
-    if SPLIT:
-        g_part_ptr = db_part_ptr + tl.cdiv(M, ROWS_PER_SPLIT) * N
     if pid < DX_PROGRAMS:
-        _dx_program(
-            pid, g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
-            x_ptr, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr,
-            in_uv_ptr, g_in_ptr, g_part_ptr, ticket_ptr, M, N, K,
-            HAS_BN, BATCH_STATS, IN_ACT, IN_DROPOUT, IN_BN_MODE, IN_HAS_GAMMA, IN_HAS_BETA,
-            DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, PRECISION,
-        )
-    else:
+        if HAS_DX:  # (not compiled when the launch has no dX programs: fewer registers)
+            dw_part = _dw_scratch(M, N, K, ROWS_PER_SPLIT, SPLIT) if DW_MODE != DW_DEFERRED else 0
+            nx_part = _dw_scratch(M, N, NN, NX_ROWS_PER_SPLIT, NX_SPLIT) if NEXT else 0
+            _dx_program(
+                pid, g_y_ptr, stride_gm, z_ptr, stride_zm, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
+                x_ptr, stride_xm, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr,
+                in_dbeta_ptr, in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, scratch_ptr + dw_part + nx_part,
+                ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
+                HAS_BN, BATCH_STATS, IN_ACT, IN_DROPOUT, IN_BN_MODE, IN_HAS_GAMMA, IN_HAS_BETA,
+                DW_MODE == DW_DEFERRED, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, PRECISION,
+            )
+    elif pid < DX_PROGRAMS + DW_PROGRAMS:
+        tickets = ticket_ptr + tl.cdiv(K, DX_BLOCK_N)
+        if DW_MODE == DW_GRAD_ROWS:  # g_z^T @ a_{l-1}
+            _dw_program(
+                pid - DX_PROGRAMS, g_y_ptr, z_ptr, stride_gm, stride_zm, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
+                x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+                dw_ptr, db_ptr, scratch_ptr, tickets, M, N, K, ld_n, ld_xk, ROWS_PER_SPLIT,
+                A_GRAD_M if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
+                IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False, HAS_BIAS, SPLIT,
+                DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
+            )
+        elif DW_MODE == DW_ACT_ROWS:  # (a_{l-1}^T @ g_y)^T, g_z = g_y without BatchNorm
+            _dw_program(
+                pid - DX_PROGRAMS, x_ptr, x_ptr, stride_xm, stride_xm, in_vec_ptr, None, in_seed_ptr, in_drop_p,
+                in_drop_scale, in_slope,
+                g_y_ptr, stride_gm, 1, None, None, 0.0, 0.0, 0.0,
+                dw_ptr, db_ptr, scratch_ptr, tickets, M, K, N, ld_xk, ld_n, ROWS_PER_SPLIT,
+                A_ACT_M, IN_BN, IN_ACT, IN_DROPOUT, False, A_PLAIN, False, ACT_NONE, False, True, HAS_BIAS, SPLIT,
+                DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
+            )
+    elif NEXT:  # the next block's (a_l^T @ g_z_{l+1})^T
+        dw_part = _dw_scratch(M, N, K, ROWS_PER_SPLIT, SPLIT) if DW_MODE != DW_DEFERRED else 0
+        tickets = ticket_ptr + tl.cdiv(K, DX_BLOCK_N) + _dw_tiles(N, K, DW_MODE, DW_BLOCK_M, DW_BLOCK_N)
         _dw_program(
-            pid - DX_PROGRAMS, g_y_ptr, z_ptr, vec_ptr, uv_ptr,
-            x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-            dw_ptr, db_ptr, dw_part_ptr, db_part_ptr, ticket_ptr + tl.cdiv(K, DX_BLOCK_N), M, N, K, ROWS_PER_SPLIT,
-            HAS_BN, BATCH_STATS, IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, HAS_BIAS, SPLIT,
-            DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
+            pid - DX_PROGRAMS - DW_PROGRAMS, z_ptr, z_ptr, stride_zm, stride_zm, vec_ptr, None, seed_ptr, drop_p,
+            drop_scale, slope,
+            nx_gz_ptr, stride_nxm, 1, None, None, 0.0, 0.0, 0.0,
+            nx_dw_ptr, nx_db_ptr, scratch_ptr + dw_part, tickets, M, N, NN, ld_n, ld_nn, NX_ROWS_PER_SPLIT,
+            A_ACT_M, HAS_BN, ACT, DROPOUT, False, A_PLAIN, False, ACT_NONE, False, True, NX_HAS_BIAS, NX_SPLIT,
+            NX_BLOCK_M, NX_BLOCK_N, NX_BLOCK_K, PRECISION,
         )
 
 
 @triton.jit
 def _act_fwd_kernel(
-    z_ptr, a_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, M, N,
+    z_ptr, a_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, M, N, stride_zm,
     BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """a = act(z) for the last block of a chain (nothing after it to fuse into); contiguous."""
+    """a = act(z) for the last block of a chain (nothing after it to fuse into); a contiguous."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
-    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    rows = offs_m.to(tl.int64)[:, None]
+    z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :], mask=mask, other=0.0)
     center, scale, shift = _site_vectors(vec_ptr, N, offs_n, mask_n, BN, 1)
-    a = _activate(z.to(tl.float32), offs_m, offs_n, center, scale, shift, seed_ptr, drop_p, drop_scale, slope,
-                  BN, ACT, DROPOUT)
-    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+    a = _activate(z.to(tl.float32), offs_m[:, None], offs_n[None, :], center, scale, shift, seed_ptr, drop_p,
+                  drop_scale, slope, BN, ACT, DROPOUT)
+    tl.store(a_ptr + rows * N + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _act_bwd_kernel(
-    g_ptr, stride_gm, stride_gn, z_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr, dbeta_ptr, uv_ptr,
-    g_y_ptr, part_ptr, ticket_ptr, M, N,
+    g_ptr, stride_gm, stride_gn, z_ptr, stride_zm, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr,
+    dbeta_ptr, uv_ptr, g_y_ptr, stride_ym, ld_n, part_ptr, ticket_ptr, M, N,
     BN_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -550,8 +683,8 @@ def _act_bwd_kernel(
     g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
     _grad_epilogue(
         g.to(tl.float32), offs_m, offs_n, M, N, pid_m, tl.program_id(1), tl.num_programs(0),
-        z_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr, dbeta_ptr, uv_ptr,
-        g_y_ptr, part_ptr, ticket_ptr,
+        z_ptr, stride_zm, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr, dbeta_ptr, uv_ptr,
+        g_y_ptr, stride_ym, ld_n, part_ptr, ticket_ptr,
         BN_MODE, HAS_GAMMA, HAS_BETA, ACT, DROPOUT,
     )
 
@@ -562,13 +695,14 @@ def _dropout_scale_kernel(seed_ptr, out_ptr, M, N, drop_p, drop_scale, BLOCK_M: 
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ones = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
-    keep = _dropout(ones, offs_m, offs_n, seed_ptr, drop_p, drop_scale, True)
+    keep = _dropout(ones, offs_m[:, None], offs_n[None, :], seed_ptr, drop_p, drop_scale, True)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], keep, mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
 
 NO_BN, BATCH, FIXED, PARTIALS = 0, 1, 2, 3  # the BN_* modes, for the host
+DEFERRED, GRAD_ROWS, ACT_ROWS = 0, 1, 2     # the DW_* modes
 
 
 class Site(NamedTuple):
@@ -641,126 +775,315 @@ def num_sms() -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 honours torch's matmul precision: "highest" means exact fp32 products.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    """tl.dot's input precision for `dtype`. fp32 honours torch's matmul precision: "high" and
+    "medium" allow TF32, and "highest" asks for fp32 accuracy, which 3xTF32 gives on tensor
+    cores: each operand splits into a TF32 part and a TF32 remainder (a = a_hi + a_lo exactly
+    up to 2^-22 |a|), and a_hi b_hi + a_hi b_lo + a_lo b_hi leaves out only a_lo b_lo, about
+    2^-22 of each product. Products accumulate in fp32 as an fp32 GEMM's do, so the error is
+    that of fp32 FMAs to within a small factor, inside the tests' rule (twice eager's own fp32
+    error plus 1e-5 of the scale; tests/test_kernels.py checks it on a GPU at K = 1024). "ieee"
+    would run on CUDA cores, 30x slower, and spill."""
+    if dtype == torch.float32:
+        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"  # (ignored for 16-bit inputs)
+
+
+# Output tiles, largest first: the first that gives every SM a CTA is taken (at B >= 4096 one
+# always does; a narrow layer's GEMM has few rows of tiles, so it takes narrow ones), else the
+# smallest. BLOCK_M >= 64: a warpgroup's wgmma covers 64 rows.
+TILES = ((128, 128), (128, 64), (64, 128), (64, 64), (64, 32), (64, 16))
+
+
+def _largest(dtype: torch.dtype) -> int:
+    # fp32 holds twice the bytes per element, and 3xTF32 splits each operand in two: 128 x 128
+    # tiles spill
+    return 128 * 64 if dtype == torch.float32 else 128 * 128
 
 
 def _tiles(M: int, N: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an M x N output."""
     if _interpreting():
         return 32, 32, 32, 4, 1  # small tiles, so small test shapes still cross tile edges
-    block_m = 128 if M >= 2048 else 64
-    block_n = min(128, max(16, launch.next_power_of_2(N)))
+    width = max(16, launch.next_power_of_2(N))
+    fits = [(bm, bn) for bm, bn in TILES if bn <= width and bm * bn <= _largest(dtype)] or [TILES[-1]]
+    sms = num_sms()
+    block_m, block_n = next((t for t in fits if launch.cdiv(M, t[0]) * launch.cdiv(N, t[1]) >= sms), fits[-1])
     block_k = 32 if dtype == torch.float32 else 64
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return block_m, block_n, block_k, num_warps, 3
+    return block_m, block_n, block_k, _warps(block_m * block_n), 3
 
 
-def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NORM, out=None):
-    """z = act_in(x) @ weight^T + bias, contiguous (written into `out` when given), and
-    `norm.vec` filled (BATCH, FIXED).
+def _warps(area: int) -> int:
+    # two warpgroups from 128 x 64 up: a thread's share of the accumulator and operands stays
+    # small enough not to spill
+    return 8 if area >= 128 * 64 else 4
+
+
+# ---- padded rows and aligned weights
+#
+# Triton loads 16 bytes at a time only where it can prove the alignment: a row stride divisible
+# by 16 elements, and a mask constant over 16-element runs (a bound divisible by 16). Most of
+# `mlp_by_budget`'s widths are not (252, 811, 1820), and then every load of a GEMM's main loop
+# is a scalar LDG and the loop serialises. So activations the kernels pass to each other (z, and
+# g_y in the backward) are stored with rows padded to 16 elements (`new_activation`), the kernels
+# write the padding as zeros and their readers load padded rows whole (the `_ld` bounds; past
+# the width the values are zero or masked off after the transform). Users never see such a
+# tensor: a chain's output and input gradient stay contiguous.
+#
+# A weight [N, K] with K not a multiple of 16 has unaligned rows too, and is a parameter whose
+# layout is the user's. It is read through an aligned copy [N, pad(K)] (zero padding), and a
+# copy costs no launch of its own: the launch before the block's forward, the previous block's
+# forward, writes it behind the rows of the z it produces, which is the block's input x
+# (`new_activation(..., next_weight)`, `linear_fwd(..., next_weight=...)`); the block's forward
+# and its backward's dX read it there (`chained=True`). Chains' first blocks read their weight
+# as it is (their input is the user's, unpadded, anyway). A z without the room (a copy of one
+# that torch.compile made, say) just reads the weight as it is.
+
+ALIGN = 16
+
+
+def _pad(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _aligned(weight) -> bool:
+    """Whether Triton sees `weight`'s rows as aligned (by its strides: fake tensors have no data)."""
+    return weight.stride(1) == 1 and weight.stride(0) % ALIGN == 0
+
+
+def new_activation(M: int, N: int, like: torch.Tensor, next_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """An uninitialised z [M, N] (like's dtype and device) for a block whose output another
+    block reads: rows padded to 16 elements and, when `next_weight` (that block's weight) is not
+    aligned, room behind them for its aligned copy."""
+    ld = _pad(N)
+    tail = next_weight.shape[0] * ld if next_weight is not None and not _aligned(next_weight) else 0
+    return like.new_empty(M * ld + tail)[:M * ld].view(M, ld)[:, :N]
+
+
+def _weight_copy(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The aligned copy of `weight` behind the rows of x (a z from new_activation), or None when
+    the weight is aligned or x has no room for it."""
+    if _aligned(weight):
+        return None
+    ld = _pad(weight.shape[1])
+    start = x.storage_offset() + x.shape[0] * ld
+    if x.stride() != (ld, 1) or (start + weight.shape[0] * ld) * x.element_size() > x.untyped_storage().nbytes():
+        return None
+    return x.as_strided(weight.shape[:1] + (ld,), (ld, 1), start)
+
+
+def _ld(t: torch.Tensor, n: int) -> int:
+    """How far loads along t's n columns may run: its padded row length when its rows are padded
+    as new_activation pads them (inside its storage), else n."""
+    ld = t.stride(0)
+    if ld == n or t.stride(1) != 1 or ld != _pad(n):
+        return n
+    return ld if (t.storage_offset() + t.shape[0] * ld) * t.element_size() <= t.untyped_storage().nbytes() else n
+
+
+def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NORM, out=None, next_weight=None,
+               chained: bool = False):
+    """z = act_in(x) @ weight^T + bias (written into `out` when given; else new, rows padded when
+    a next block reads it, contiguous otherwise), and `norm.vec` filled (BATCH, FIXED).
+
+    `next_weight`: the next block's weight, whose aligned copy this launch writes behind z's rows
+    when z has room for it (new_activation). `chained`: x is the previous block's z from such a
+    call (padded rows, and maybe this block's weight copy behind them).
 
     Returns (z, partials): with `norm.mode` PARTIALS, the per-row-tile (shift, mean, M2) of z,
     fp32 [3, row_tiles, N], and the rows per tile, for the host to merge; else None.
     """
     M, K = x.shape
     N = weight.shape[0]
-    z = out if out is not None else torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if out is not None:
+        z = out
+    elif next_weight is not None:
+        z = new_activation(M, N, x, next_weight)
+    else:
+        z = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    w = _weight_copy(x, weight) if chained else None
+    w_ld = K if w is None else w.stride(0)
+    w = weight if w is None else w
+    copy = _weight_copy(z, next_weight) if next_weight is not None else None
     block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, x.dtype)
     grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
     mode = norm.mode
     part = launch.scratch(x.device, 3 * grid[0] * N) if mode in (BATCH, PARTIALS) else None
     ticket = launch.tickets(x.device, grid[1] + 1) if mode == BATCH else None
     running = mode == BATCH and norm.running_mean is not None
+    nw = next_weight if copy is not None else None
     launch.run(
         _linear_fwd_kernel, grid,
-        (x, weight, bias, z, *_site(site_in),
+        (x, w, bias, z, *_site(site_in),
          part, norm.vec, norm.gamma, norm.beta, norm.running_mean, norm.running_var,
          norm.num_batches if running else None, ticket, float(norm.eps), float(norm.momentum or 0.0),
-         M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1)),
+         nw, nw.stride(0) if nw is not None else 0, nw.stride(1) if nw is not None else 0,
+         nw.shape[0] if nw is not None else 0,
+         M, N, K, _ld(x, K) if chained else K, w_ld, _ld(z, N),
+         x.stride(0), x.stride(1), w.stride(0), w.stride(1), z.stride(0)),
         (A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
          bias is not None, mode, norm.gamma is not None, norm.beta is not None, running, norm.momentum is None,
-         block_m, block_n, block_k, _precision(x.dtype)),
+         copy is not None, block_m, block_n, block_k, _precision(x.dtype)),
         num_warps, num_stages,
     )
     return z, ((part[:3 * grid[0] * N].view(3, grid[0], N), block_m) if mode == PARTIALS else None)
 
 
-def _batch_splits(B: int, tiles: int, block_k: int) -> int:
-    """How many chunks the dW reduction over the batch is split into: enough programs to
-    fill the device, each chunk still a long run of BLOCK_K steps, and few enough that the
-    last program's sum of the chunks stays short."""
+class _DW(NamedTuple):
+    """A dW role's plan: tile shape, output tiles, programs, batch rows per chunk, scratch elements."""
+    block_m: int
+    block_n: int
+    block_k: int
+    tiles: int
+    programs: int
+    rows_per_split: int
+    split: bool
+    scratch: int
+
+
+def _dw_plan(B: int, DM: int, DN: int, dtype, area: int = 128 * 128) -> _DW:
+    """How a dW [DM, DN] = A^T B over a batch of B rows is tiled and split into batch chunks
+    (_dw_program): the largest tile (TILES, at most `area` elements) for which chunks of at least
+    4 BLOCK_K steps give every SM a program, else the smallest with one-step chunks. At most 64
+    chunks: the last program of a tile sums them."""
+    block_k = 32 if dtype == torch.float32 else 64
     if _interpreting():
-        return launch.cdiv(B, 4 * block_k)  # several chunks at test sizes, to test the split
-    return max(1, min(launch.cdiv(2 * num_sms(), tiles), launch.cdiv(B, 8 * block_k), 32))
+        block_m, block_n, block_k = 32, 32, 32
+        splits = launch.cdiv(B, 4 * block_k)  # several chunks at test sizes, to test the split
+    else:
+        sms, width = num_sms(), max(16, launch.next_power_of_2(DN))
+        fits = [(bm, bn) for bm, bn in TILES if bn <= width and bm * bn <= min(area, _largest(dtype))] or [TILES[-1]]
+        wanted = [launch.cdiv(sms, launch.cdiv(DM, bm) * launch.cdiv(DN, bn)) for bm, bn in fits]
+        most = min(B // (4 * block_k), 64)
+        i = next((i for i, n in enumerate(wanted) if n <= max(most, 1)), len(fits) - 1)
+        (block_m, block_n), splits = fits[i], min(wanted[i], 64)
+    tiles = launch.cdiv(DM, block_m) * launch.cdiv(DN, block_n)
+    rows_per_split = max(1, B // splits // block_k) * block_k
+    splits = launch.cdiv(B, rows_per_split)
+    scratch = splits * (DM * DN + max(DM, DN)) if splits > 1 else 0  # as _dw_scratch counts
+    return _DW(block_m, block_n, block_k, tiles, tiles * splits, rows_per_split, splits > 1, scratch)
+
+
+class DeferredDW(NamedTuple):
+    """A block's dW (and db) left by its backward launch to the next one (the previous block's),
+    from the g_z [B, N] it stored: `linear_bwd(..., defer=True)` returns it, `linear_bwd(...,
+    deferred=...)` of the previous block computes it, reading a = `site`(that block's z)."""
+    g_z: torch.Tensor
+    dw: torch.Tensor
+    db: Optional[torch.Tensor]
+    x: torch.Tensor
+    site: Site
 
 
 def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: Norm = NO_NORM,
-               input_grad: bool = True, has_bias: bool = True):
+               input_grad: bool = True, has_bias: bool = True, chained: bool = False,
+               deferred: Optional[DeferredDW] = None, defer: bool = False):
     """One block's backward in one launch (module docstring): from its g_y and z [B, N] (`norm`
     its BatchNorm, with u and v in `norm.uv` for batch statistics), its weight [N, K] and its
-    input a = act_in(x) (`site_in`, `norm_in` of the previous block).
+    input a = act_in(x) (`site_in`, `norm_in` of the previous block). `chained` as linear_fwd's
+    (x is the previous block's z, with this block's weight copy).
 
-    Returns (g_y_in, dw, db, dgamma_in, dbeta_in, partials_in): g_y_in is the previous block's
-    g_y (None without `input_grad`; the chain's input gradient when `site_in` is the identity);
-    db None without `has_bias`; the previous block's dgamma and dbeta (None where it has none)
-    in its parameters' dtype, with its u and v in `norm_in.uv`; with `norm_in.mode` PARTIALS
-    its per-row-tile sums of g_y and g_y * xhat [2, row_tiles, K] for the host, and dgamma,
-    dbeta, u, v left to it.
+    `defer`: with BatchNorm and an activation on both sides of the GEMM, leave dW to the next
+    launch (`deferred` of the previous block's linear_bwd, which must come next), where g_z is
+    stored and the MMAs need not wait (module docstring). `deferred`: the next block's
+    DeferredDW, whose dW this launch computes.
+
+    Returns (g_y_in, dw, db, dgamma_in, dbeta_in, partials_in, later): g_y_in is the previous
+    block's g_y (None without `input_grad`; the chain's input gradient when `site_in` is the
+    identity, then contiguous); db None without `has_bias`; the previous block's dgamma and dbeta
+    (None where it has none) in its parameters' dtype, with its u and v in `norm_in.uv`; with
+    `norm_in.mode` PARTIALS its per-row-tile sums of g_y and g_y * xhat [2, row_tiles, K] for the
+    host, and dgamma, dbeta, u, v left to it; `later` the DeferredDW when dW (and db) are left to
+    the next launch, else None.
     """
     B, N = g_y.shape
     K = weight.shape[1]
     dev = g_y.device
-    dx_m, dx_n, dx_k, num_warps, num_stages = _tiles(B, K, g_y.dtype)
-    dw_m, dw_n, dw_k, _, _ = _tiles(N, K, g_y.dtype)
-    dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
-    dw_tiles = launch.cdiv(N, dw_m) * launch.cdiv(K, dw_n)
-    splits = _batch_splits(B, dw_tiles, dw_k)
-    rows_per_split = launch.cdiv(launch.cdiv(B, splits), dw_k) * dw_k
-    splits = launch.cdiv(B, rows_per_split)
+    w = _weight_copy(x, weight) if chained else None
+    w_ld = K if w is None else w.stride(0)
+    w = weight if w is None else w
+    if deferred is not None:
+        assert deferred.x is z and deferred.site.vec is norm.vec, "a DeferredDW reads the output of the block it came to"
+    if defer and input_grad and norm.mode != NO_BN and not site_in.identity:
+        dw_mode = DEFERRED
+    else:
+        # (a_{l-1} is read along its features: contiguous ones)
+        dw_mode = ACT_ROWS if norm.mode == NO_BN and not site_in.identity and x.stride(1) == 1 else GRAD_ROWS
 
-    g_in = torch.empty((B, K), device=dev, dtype=g_y.dtype) if input_grad else None
+    dx_m, dx_n, dx_k, num_warps, num_stages = _tiles(B, K, g_y.dtype)
+    dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
+    dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
+    # Two dW roles in a launch (the first block's, the next block's): smaller tiles and 8 warps,
+    # or the union of their registers spills.
+    area = 128 * 64 if deferred is not None and dw_mode != DEFERRED else 128 * 128
+    own = _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype, area)
+    if dw_mode == DEFERRED:
+        own = own._replace(tiles=0, programs=0, scratch=0)
+    nn = deferred.dw.shape[0] if deferred is not None else 0
+    nxt = _dw_plan(B, N, nn, g_y.dtype, area) if deferred is not None else _DW(16, 16, 16, 0, 0, 1, False, 0)
+    if not _interpreting():  # warps enough for the launch's largest tile, or its two dW roles
+        largest = max([r.block_m * r.block_n for r in (own, nxt) if r.programs], default=0)
+        num_warps = max(num_warps, _warps(largest))
+        if area < 128 * 128 and largest >= 64 * 32:
+            num_warps = 8
+
+    g_in = None
+    if input_grad:
+        g_in = new_activation(B, K, g_y) if not site_in.identity else torch.empty((B, K), device=dev, dtype=g_y.dtype)
     in_bn = norm_in.mode if input_grad else NO_BN
     dgamma = torch.empty_like(norm_in.gamma) if in_bn != NO_BN and norm_in.gamma is not None else None
     dbeta = torch.empty_like(norm_in.beta) if in_bn != NO_BN and norm_in.beta is not None else None
     dw = torch.empty(weight.shape, device=dev, dtype=weight.dtype)  # contiguous, as the kernel writes it
     db = torch.empty(N, device=dev, dtype=weight.dtype) if has_bias else None
-    dw_scratch = splits * N * (K + 1) if splits > 1 else 0
-    scratch = launch.scratch(dev, dw_scratch + (2 * dx_row_tiles * K if in_bn != NO_BN else 0))
-    dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
+    g_z = new_activation(B, N, g_y) if dw_mode == DEFERRED else None
+    dx_scratch = 2 * dx_row_tiles * K if in_bn != NO_BN else 0
+    scratch = launch.scratch(dev, own.scratch + nxt.scratch + dx_scratch)
+    tickets = launch.tickets(dev, dx_col_tiles + own.tiles + nxt.tiles)
+    ld_n = min(_ld(g_y, N), _ld(z, N))
+    site = deferred.site if deferred is not None else NO_SITE
+    nx = deferred.g_z if deferred is not None else None
     launch.run(
-        _linear_bwd_kernel, (dx_programs + dw_tiles * splits, 1, 1),
-        (g_y, z, norm.vec, norm.uv, weight, weight.stride(0), weight.stride(1),
-         x, x.stride(0), x.stride(1), *_site(site_in), dgamma, dbeta, norm_in.uv if in_bn != NO_BN else None,
+        _linear_bwd_kernel, (dx_programs + own.programs + nxt.programs, 1, 1),
+        (g_y, z, norm.vec, norm.uv, w,
+         x, *_site(site_in), dgamma, dbeta, norm_in.uv if in_bn != NO_BN else None,
          g_in if input_grad else g_y,  # (g_y: a stand-in, never written without dX programs)
-         dw, db, scratch, launch.tickets(dev, dx_col_tiles + dw_tiles),
-         B, N, K, rows_per_split, dx_programs),
+         dw if dw_mode != DEFERRED else None, db if dw_mode != DEFERRED else None, g_z,
+         nx, site.seed, float(site.drop_p), _drop_scale(site.drop_p), float(site.slope),
+         deferred.dw if deferred is not None else None, deferred.db if deferred is not None else None,
+         scratch, tickets,
+         B, N, K, nn, ld_n, w_ld, _ld(x, K), _ld(g_in, K) if input_grad else K, _ld(nx, nn) if nx is not None else 0,
+         g_y.stride(0), z.stride(0), w.stride(0), w.stride(1), x.stride(0), x.stride(1),
+         g_in.stride(0) if input_grad else 0, g_z.stride(0) if g_z is not None else 0,
+         nx.stride(0) if nx is not None else 0,
+         dx_programs, own.programs, own.rows_per_split, nxt.rows_per_split),
         (norm.mode != NO_BN, norm.mode in (BATCH, PARTIALS),
          A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
-         in_bn, dgamma is not None, dbeta is not None, has_bias, splits > 1,
-         dx_m, dx_n, dx_k, dw_m, dw_n, dw_k, _precision(g_y.dtype)),
+         input_grad, in_bn, dgamma is not None, dbeta is not None,
+         dw_mode, has_bias, own.split,
+         deferred is not None, int(site.act), site.drop_p > 0, deferred is not None and deferred.db is not None,
+         nxt.split,
+         dx_m, dx_n, dx_k, own.block_m, own.block_n, own.block_k, nxt.block_m, nxt.block_n, nxt.block_k,
+         _precision(g_y.dtype)),
         num_warps, num_stages,
     )
-    part_in = scratch[dw_scratch:dw_scratch + 2 * dx_row_tiles * K].view(2, dx_row_tiles, K) if in_bn == PARTIALS \
-        else None
-    return g_in, dw, db, dgamma, dbeta, part_in
+    dx_part = own.scratch + nxt.scratch
+    part_in = scratch[dx_part:dx_part + dx_scratch].view(2, dx_row_tiles, K) if in_bn == PARTIALS else None
+    later = DeferredDW(g_z, dw, db, x, site_in) if dw_mode == DEFERRED else None
+    return g_in, dw, db, dgamma, dbeta, part_in, later
 
 
 def _elementwise_tiles(M: int, N: int):
-    block_n = min(128, launch.next_power_of_2(N))
+    block_n = min(128, max(ALIGN, launch.next_power_of_2(N)))  # a padded row's end is in some tile
     return (32 if _interpreting() else max(16, 4096 // block_n)), block_n
 
 
 def act_fwd(z, site: Site):
-    """a = act(z) for a chain's last block (z contiguous)."""
+    """a = act(z) for a chain's last block, contiguous (z's rows contiguous)."""
     M, N = z.shape
-    a = torch.empty_like(z)
+    a = torch.empty((M, N), device=z.device, dtype=z.dtype)
     block_m, block_n = _elementwise_tiles(M, N)
     launch.run(
         _act_fwd_kernel, (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1),
-        (z, a, *_site(site), M, N),
+        (z, a, *_site(site), M, N, z.stride(0)),
         (site.vec is not None, int(site.act), site.drop_p > 0, block_m, block_n), 4, 1,
     )
     return a
@@ -768,9 +1091,10 @@ def act_fwd(z, site: Site):
 
 def act_bwd(grad, z, site: Site, norm: Norm):
     """g_y = the backward of `site`'s activation applied to grad = dL/da, for a chain's last
-    block. Returns (g_y, dgamma, dbeta, partials) as `linear_bwd` does for the previous block."""
+    block (g_y with padded rows). Returns (g_y, dgamma, dbeta, partials) as `linear_bwd` does for
+    the previous block."""
     M, N = grad.shape
-    g_y = torch.empty((M, N), device=grad.device, dtype=grad.dtype)
+    g_y = new_activation(M, N, grad)
     block_m, block_n = _elementwise_tiles(M, N)
     grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
     bn = norm.mode
@@ -779,8 +1103,8 @@ def act_bwd(grad, z, site: Site, norm: Norm):
     dbeta = torch.empty_like(norm.beta) if bn != NO_BN and norm.beta is not None else None
     launch.run(
         _act_bwd_kernel, grid,
-        (grad, grad.stride(0), grad.stride(1), z, *_site(site), dgamma, dbeta, norm.uv if bn != NO_BN else None,
-         g_y, part,
+        (grad, grad.stride(0), grad.stride(1), z, z.stride(0), *_site(site), dgamma, dbeta,
+         norm.uv if bn != NO_BN else None, g_y, g_y.stride(0), _ld(g_y, N), part,
          launch.tickets(grad.device, grid[1]), M, N),
         (bn, dgamma is not None, dbeta is not None, int(site.act), site.drop_p > 0, block_m, block_n), 4, 1,
     )
