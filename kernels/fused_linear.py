@@ -1012,9 +1012,9 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     dx_m, dx_n, dx_k, num_warps, num_stages = _tiles(B, K, g_y.dtype)
     dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
     dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
-    # Two dW roles in a launch (the first block's, the next block's): smaller tiles and 8 warps,
-    # or the union of their registers spills.
-    area = 128 * 64 if deferred is not None and dw_mode != DEFERRED else 128 * 128
+    # dW tiles up to 128 x 64: a launch's roles share its registers (the union of a dX role's and
+    # two dW roles' spills with 128 x 128 ones), and chunks of the batch fill the SMs anyway
+    area = 128 * 64
     own = _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype, area)
     if dw_mode == DEFERRED:
         own = own._replace(tiles=0, programs=0, scratch=0)
@@ -1023,7 +1023,7 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     if not _interpreting():  # warps enough for the launch's largest tile, or its two dW roles
         largest = max([r.block_m * r.block_n for r in (own, nxt) if r.programs], default=0)
         num_warps = max(num_warps, _warps(largest))
-        if area < 128 * 128 and largest >= 64 * 32:
+        if own.programs and nxt.programs and largest >= 64 * 32:
             num_warps = 8
 
     g_in = None

@@ -45,8 +45,8 @@ price is G x (H K_in + (L-2) H^2 + N_out H) fp32 of partials and a read-modify-w
 them per extra tile; if timings show it, the alternative is to store g_z per layer and run
 dW as one split-batch GEMM over all layers (tiny-cuda-nn's split).
 
-Tiles: a heuristic checked only by compiling for sm_90 on the CPU (tests/test_whole_net.py);
-no GPU timings yet.
+Tiles: a heuristic checked only by compiling for sm_90 on the CPU (`_tiles`; tests/
+test_compiled.py); no GPU timings yet.
 """
 import torch
 import triton
@@ -150,6 +150,14 @@ def _accumulate(ptr, offs, mask, value, again):
 
 
 @triton.jit
+def _accumulate_dot(ptr, offs, mask, a, b, again, PRECISION: tl.constexpr):
+    """ptr[offs] (+)= a @ b, as _accumulate: the slot's sum is the MMA's accumulator, so one
+    [H, H] fp32 tile is live, not two (they spill)."""
+    prev = tl.where(again, tl.load(ptr + offs, mask=mask, other=0.0), 0.0)
+    tl.store(ptr + offs, tl.dot(a, b, prev, input_precision=PRECISION), mask=mask)
+
+
+@triton.jit
 def _relu_grad(g, z, RELU: tl.constexpr):
     """g_z = g where z > 0 (as the per-layer kernels do), in fp32."""
     if RELU:
@@ -205,7 +213,7 @@ def _mlp_bwd_kernel(
                 g_z = _relu_grad(g_z.to(tl.float32), out.to(tl.float32), True).to(dtype)
             nh = offs_n[:, None] * H + offs_h[None, :]
             mask_nh = mask_n[:, None] & all_h[None, :]
-            _accumulate(dw_out_ptr, nh, mask_nh, tl.dot(tl.trans(g_z), a, input_precision=PRECISION), again)
+            _accumulate_dot(dw_out_ptr, nh, mask_nh, tl.trans(g_z), a, again, PRECISION)
             _accumulate(db_out_ptr, offs_n, mask_n, tl.sum(g_z.to(tl.float32), axis=0), again)
             w_n = tl.load(w_out_ptr + nh, mask=mask_nh, other=0.0)
             g = tl.dot(g_z, w_n, g, input_precision=PRECISION)
@@ -216,8 +224,7 @@ def _mlp_bwd_kernel(
             z_prev = tl.load(z_ptr + (l - 1) * layer + z_offs, mask=mask_m[:, None], other=0.0)
             a = _relu(z_prev.to(tl.float32), HID_RELU).to(dtype)
             g_z = _relu_grad(g, z.to(tl.float32), HID_RELU).to(dtype)
-            dw = tl.dot(tl.trans(g_z), a, input_precision=PRECISION)
-            _accumulate(dw_hid_ptr + (l - 1) * H * H, hh, mask_hh, dw, again)
+            _accumulate_dot(dw_hid_ptr + (l - 1) * H * H, hh, mask_hh, tl.trans(g_z), a, again, PRECISION)
             _accumulate(db_hid_ptr + l * H, offs_h, all_h, tl.sum(g_z.to(tl.float32), axis=0), again)
             g = tl.dot(g_z, tl.load(w_hid_ptr + (l - 1) * H * H + hh), input_precision=PRECISION)
             z = z_prev
@@ -232,7 +239,7 @@ def _mlp_bwd_kernel(
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             hk = offs_h[:, None] * K_in + offs_k[None, :]
             mask_hk = all_h[:, None] & mask_k[None, :]
-            _accumulate(dw_in_ptr, hk, mask_hk, tl.dot(tl.trans(g_z), x, input_precision=PRECISION), again)
+            _accumulate_dot(dw_in_ptr, hk, mask_hk, tl.trans(g_z), x, again, PRECISION)
             if INPUT_GRAD:
                 w_k = tl.load(w_in_ptr + hk, mask=mask_hk, other=0.0)
                 grad_x = tl.dot(g_z, w_k, input_precision=PRECISION)
@@ -246,19 +253,29 @@ def _mlp_bwd_kernel(
 def _tiles(H: int, K_in: int, N_out: int, dtype: torch.dtype, backward: bool = False):
     """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages) for hidden width H.
 
-    A heuristic, not autotuning, and untimed: chosen from ptxas resource reports for sm_90
-    (compiled on a CPU machine) as the tiles that spill least and fit shared memory. The
-    backward holds more [BLOCK_M, H] tiles and an [H, H] fp32 dW tile, so it takes fewer rows.
+    A heuristic, not autotuning, and untimed: chosen from the compiled form for sm_90 (python
+    -m bench.kernels --modes whole, on the CPU) as the tiles that do not spill and fit shared
+    memory, with wgmma where that holds. The backward holds more [BLOCK_M, H] tiles and an
+    [H, H] fp32 dW tile, so it takes fewer rows: 64 (a warpgroup's wgmma) up to H = 64 in
+    16-bit dtypes, 32 beyond (its [BLOCK_M, H] products then run on mma.sync), 16 in fp32, whose
+    3xTF32 products split every operand in two (and, at H = 128, 16-wide first and last layers
+    too). The forward takes 64 rows (a batch of 4096 then gives 64 programs: more could not
+    use wgmma) and prefetches two layers' weights where shared memory allows (a layer's MMA
+    waits for the previous layer's output; the weights are what can arrive early); in fp32 at
+    H = 128 one layer's [H, H] weights leave room for 32 rows, on mma.sync.
     """
     if _interpreting():
         return 32, 32, 32, 4, 1  # small tiles, so small test shapes cross tile edges
     block_k = min(64 if dtype != torch.float32 else 32, max(16, launch.next_power_of_2(K_in)))
     block_n = min(64, max(16, launch.next_power_of_2(N_out)))
+    fp32 = dtype == torch.float32
     if backward:
-        block_m = 128 if H <= 16 else 64 if H <= 64 else 32
-        return block_m, block_k, block_n, 8, 1
-    block_m = 128 if H <= 64 else 64
-    return block_m, block_k, block_n, 8, 1 if dtype == torch.float32 and H > 64 else 2
+        if fp32:
+            return (16, block_k, block_n, 4, 1) if H <= 64 else (16, 16, 16, 8, 1)
+        return (64 if H <= 64 else 32), block_k, block_n, 8, 1
+    if fp32 and H > 64:
+        return 32, block_k, block_n, 8, 1
+    return 64, block_k, block_n, 4 if H <= 64 else 8, 3
 
 
 def _placeholder(t, other):
