@@ -10,6 +10,7 @@ setup(
     # kernels/ is shipped as dwfast.kernels: never install a top-level `kernels` module.
     packages=["dwfast", "dwfast.kernels", "bench"],
     package_dir={"dwfast": "dwfast", "dwfast.kernels": "kernels", "bench": "bench"},
+    package_data={"dwfast.kernels": ["tiles.json"]},  # the tile table (kernels/tiles.py)
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],

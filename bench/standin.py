@@ -29,6 +29,7 @@ H100 = {"multiprocessor_count": 132, "max_shared_mem": 232448, "max_num_regs": 6
 A100 = {"multiprocessor_count": 108, "max_shared_mem": 166912, "max_num_regs": 65536, "warpSize": 32,
         "sm_clock_rate": 1410000, "mem_clock_rate": 1215000, "mem_bus_width": 5120}
 DEVICES = {90: H100, 80: A100}
+NAMES = {90: "NVIDIA H100 80GB HBM3", 80: "NVIDIA A100-SXM4-80GB"}  # as torch.cuda.get_device_name says
 
 
 class Launch(NamedTuple):
@@ -80,6 +81,7 @@ class StandInDriver(DriverBase):
     def __init__(self, arch: int = 90, props=None, record_args: bool = False):
         super().__init__()
         self.arch = arch
+        self.gpu_name = NAMES.get(arch)  # the tile table's key (kernels/tiles.py)
         self.utils = _Utils(props or DEVICES.get(arch, H100))
         self.launches: List[Launch] = []
         self.record_args = record_args

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .tiles import lookup as table_config
 from .batchnorm import (VEC_CENTER, VEC_ROWS, VEC_RSTD, VEC_SCALE, VEC_SHIFT, _finalize_grad, _finalize_stats,
                         _fixed_vectors, _grad_partials, _stats_partials, _ticket)
 
@@ -800,16 +801,25 @@ def _largest(dtype: torch.dtype) -> int:
     return 128 * 64 if dtype == torch.float32 else 128 * 128
 
 
-def _tiles(M: int, N: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an M x N output."""
+def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the `gemm` ("fwd", "dx": see
+    tiles.py) of an M x N output over K: the tile table's, else the heuristic's."""
     if _interpreting():
         return 32, 32, 32, 4, 1  # small tiles, so small test shapes still cross tile edges
-    width = max(16, launch.next_power_of_2(N))
-    fits = [(bm, bn) for bm, bn in TILES if bn <= width and bm * bn <= _largest(dtype)] or [TILES[-1]]
+    config = table_config(gemm, M, N, K, dtype, device)
+    if config is not None:
+        return tuple(config)
+    fits = _fitting(M, N, _largest(dtype))
     sms = num_sms()
     block_m, block_n = next((t for t in fits if launch.cdiv(M, t[0]) * launch.cdiv(N, t[1]) >= sms), fits[-1])
     block_k = 32 if dtype == torch.float32 else 64
     return block_m, block_n, block_k, _warps(block_m * block_n), 3
+
+
+def _fitting(M: int, N: int, area: int) -> list:
+    """TILES no larger than `area` elements nor than M x N's powers of two (but 64 x 16)."""
+    rows, cols = max(64, launch.next_power_of_2(M)), max(16, launch.next_power_of_2(N))
+    return [(bm, bn) for bm, bn in TILES if bm <= rows and bn <= cols and bm * bn <= area] or [TILES[-1]]
 
 
 def _warps(area: int) -> int:
@@ -904,7 +914,7 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
     w_ld = K if w is None else w.stride(0)
     w = weight if w is None else w
     copy = _weight_copy(z, next_weight) if next_weight is not None else None
-    block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, x.dtype)
+    block_m, block_n, block_k, num_warps, num_stages = _tiles("fwd", M, N, K, x.dtype, x.device)
     grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
     mode = norm.mode
     part = launch.scratch(x.device, 3 * grid[0] * N) if mode in (BATCH, PARTIALS) else None
@@ -929,10 +939,13 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
 
 
 class _DW(NamedTuple):
-    """A dW role's plan: tile shape, output tiles, programs, batch rows per chunk, scratch elements."""
+    """A dW role's plan: tile shape, warps and stages, output tiles, programs, batch rows per
+    chunk, scratch elements."""
     block_m: int
     block_n: int
     block_k: int
+    num_warps: int
+    num_stages: int
     tiles: int
     programs: int
     rows_per_split: int
@@ -940,27 +953,36 @@ class _DW(NamedTuple):
     scratch: int
 
 
-def _dw_plan(B: int, DM: int, DN: int, dtype, area: int = 128 * 128) -> _DW:
+NO_DW = _DW(16, 16, 16, 4, 3, 0, 0, 1, False, 0)  # a role without programs
+
+
+def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128) -> _DW:
     """How a dW [DM, DN] = A^T B over a batch of B rows is tiled and split into batch chunks
-    (_dw_program): the largest tile (TILES, at most `area` elements) for which chunks of at least
-    4 BLOCK_K steps give every SM a program, else the smallest with one-step chunks. At most 64
-    chunks: the last program of a tile sums them."""
+    (_dw_program): the tile table's config, else the largest tile (TILES, at most `area`
+    elements) for which chunks of at least 4 BLOCK_K steps give every SM a program, else the
+    smallest with one-step chunks. At most 64 chunks: the last program of a tile sums them."""
     block_k = 32 if dtype == torch.float32 else 64
+    num_stages = 3
+    config = None if _interpreting() else table_config("dw", DM, DN, B, dtype, device)
     if _interpreting():
         block_m, block_n, block_k = 32, 32, 32
         splits = launch.cdiv(B, 4 * block_k)  # several chunks at test sizes, to test the split
+    elif config is not None:
+        block_m, block_n, block_k, _, num_stages, splits = config
     else:
-        sms, width = num_sms(), max(16, launch.next_power_of_2(DN))
-        fits = [(bm, bn) for bm, bn in TILES if bn <= width and bm * bn <= min(area, _largest(dtype))] or [TILES[-1]]
+        sms = num_sms()
+        fits = _fitting(DM, DN, min(area, _largest(dtype)))
         wanted = [launch.cdiv(sms, launch.cdiv(DM, bm) * launch.cdiv(DN, bn)) for bm, bn in fits]
         most = min(B // (4 * block_k), 64)
         i = next((i for i, n in enumerate(wanted) if n <= max(most, 1)), len(fits) - 1)
         (block_m, block_n), splits = fits[i], min(wanted[i], 64)
-    tiles = launch.cdiv(DM, block_m) * launch.cdiv(DN, block_n)
+    num_warps = config[3] if config is not None else _warps(block_m * block_n)
+    n_tiles = launch.cdiv(DM, block_m) * launch.cdiv(DN, block_n)
     rows_per_split = max(1, B // splits // block_k) * block_k
     splits = launch.cdiv(B, rows_per_split)
     scratch = splits * (DM * DN + max(DM, DN)) if splits > 1 else 0  # as _dw_scratch counts
-    return _DW(block_m, block_n, block_k, tiles, tiles * splits, rows_per_split, splits > 1, scratch)
+    return _DW(block_m, block_n, block_k, num_warps, num_stages, n_tiles, n_tiles * splits, rows_per_split,
+               splits > 1, scratch)
 
 
 class DeferredDW(NamedTuple):
@@ -1009,22 +1031,26 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
         # (a_{l-1} is read along its features: contiguous ones)
         dw_mode = ACT_ROWS if norm.mode == NO_BN and not site_in.identity and x.stride(1) == 1 else GRAD_ROWS
 
-    dx_m, dx_n, dx_k, num_warps, num_stages = _tiles(B, K, g_y.dtype)
+    dx_m, dx_n, dx_k, num_warps, num_stages = _tiles("dx", B, K, N, g_y.dtype, dev)
     dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
     dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
     # dW tiles up to 128 x 64: a launch's roles share its registers (the union of a dX role's and
     # two dW roles' spills with 128 x 128 ones), and chunks of the batch fill the SMs anyway
     area = 128 * 64
-    own = _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype, area)
+    own = _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype, dev, area)
     if dw_mode == DEFERRED:
-        own = own._replace(tiles=0, programs=0, scratch=0)
+        own = NO_DW
     nn = deferred.dw.shape[0] if deferred is not None else 0
-    nxt = _dw_plan(B, N, nn, g_y.dtype, area) if deferred is not None else _DW(16, 16, 16, 0, 0, 1, False, 0)
-    if not _interpreting():  # warps enough for the launch's largest tile, or its two dW roles
-        largest = max([r.block_m * r.block_n for r in (own, nxt) if r.programs], default=0)
-        num_warps = max(num_warps, _warps(largest))
-        if own.programs and nxt.programs and largest >= 64 * 32:
+    nxt = _dw_plan(B, N, nn, g_y.dtype, dev, area) if deferred is not None else NO_DW
+    # The roles share the launch's warps and stages: the most warps any asks for (8 for two dW
+    # roles, whose registers add up), the fewest stages.
+    roles = [r for r in (own, nxt) if r.programs]
+    if not _interpreting():
+        largest = max([r.block_m * r.block_n for r in roles], default=0)
+        num_warps = max([num_warps if input_grad else 4] + [r.num_warps for r in roles])
+        if len(roles) == 2 and largest >= 64 * 32:
             num_warps = 8
+        num_stages = min([num_stages if input_grad else 4] + [r.num_stages for r in roles])
 
     g_in = None
     if input_grad:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import requires_cuda
 from dwfast.chain import Block, eager_chain
 from dwfast.functional import fused_chain
 
@@ -286,6 +287,26 @@ def test_large_mean_small_std(kernel_device, source):
             blocks[0].linear.weight.abs_()
             x += 3e3
     compare(blocks, x, torch.float32, kernel_device)
+
+
+@requires_cuda
+def test_fp32_highest_precision(kernel_device, monkeypatch):
+    """fp32 at torch's default matmul precision, "highest", runs 3xTF32 on tensor cores
+    (kernels/fused_linear.py, _precision) and passes the rule against fp64 at K = 1024, where
+    plain TF32 (checked too) is 100x off: its 2^-11 relative rounding, summed over 1024
+    products, against fp32's 2^-24."""
+    from dwfast.kernels import fused_linear
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        blocks = make_chain(1024, [1024, 1000, 7])
+        x = torch.randn(512, 1024)
+        compare(blocks, x, torch.float32, kernel_device)
+        monkeypatch.setattr(fused_linear, "_precision", lambda dtype: "tf32")
+        with pytest.raises(AssertionError):
+            compare(blocks, x, torch.float32, kernel_device)
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 def test_backward_is_deterministic(kernel_device):
