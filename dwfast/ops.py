@@ -118,8 +118,8 @@ def new_saved(x, weights, specs) -> List[Tensor]:
     saved = []
     for i, (w, s) in enumerate(zip(weights, specs)):
         nxt = weights[i + 1] if i + 1 < len(weights) else None
-        saved += [K.new_activation(x.shape[0], w.shape[0], x, nxt) if nxt is not None else x.new_empty(x.shape[0], w.shape[0]),
-                  K.new_vec(w.shape[0], x.device) if s.bn_mode != NO_BN else x.new_empty(0)]
+        z = K.new_activation(x.shape[0], w.shape[0], x, nxt) if nxt is not None else x.new_empty(x.shape[0], w.shape[0])
+        saved += [z, K.new_vec(w.shape[0], x.device) if s.bn_mode != NO_BN else x.new_empty(0)]
     return saved
 
 

@@ -20,7 +20,8 @@ Forward, one launch per block (`_linear_fwd_kernel`):
     epilogue  + b_l; store z_l; per row tile the column mean and M2 of z_l; the last program of
               each column tile merges them into the block's vectors and updates the running
               statistics (batchnorm.py). In eval the row-tile-0 programs write the vectors
-              from the running statistics. The next block's prologue reads them.
+              from the running statistics. The next block's prologue reads them. All programs
+              also copy W_{l+1}, aligned, behind z_l when its rows are not (see "padded rows").
 
 Backward, with g_l = dL/da_l:
     g_y    = drop_l(g_l) * act_l'(y_l)           (ReLU: g_l where y_l > 0, as torch does)
@@ -29,15 +30,37 @@ Backward, with g_l = dL/da_l:
     g_z    = scale * g_y + u * (z - mean) + v,  u = -scale * rstd * dgamma / B,  v = -scale * dbeta / B
              (u = v = 0 with running statistics; g_z = g_y without BatchNorm)
     dW_l   = g_z^T @ a_{l-1},   db_l = sum_rows g_z,   g_{l-1} = g_z @ W_l
-One launch per block (`_linear_bwd_kernel`) runs two independent grids side by side:
+One launch per block (`_linear_bwd_kernel`) runs independent grids side by side:
     dX programs  g_z @ W_l with g_z built on load from g_y_l and z_l; the epilogue applies block
                  l-1's activation backward, stores g_y_{l-1} and its column partials, and the last
                  program of each column tile finalises block l-1's dgamma, dbeta, u and v.
-    dW programs  g_z^T @ a_{l-1} with both operands built on load; the batch is the reduction
-                 axis, split into chunks whose fp32 partials the last program of each tile sums
-                 in chunk order (db from the row sums of g_z). One chunk writes dW directly.
+    dW programs  the batch is the reduction axis, split into chunks whose fp32 partials the last
+                 program of each tile sums in chunk order; one chunk writes dW directly. Its
+                 operands must not both be built on load: a wgmma reads B from shared memory,
+                 and a B built in registers is stored there inside the loop, in a buffer Triton
+                 does not multi-buffer, so it waits for every MMA (`wgmma.wait_group 0`).
+                 DW_GRAD_ROWS  g_z^T @ a_{l-1}, g_z built on load, a_{l-1} = x as stored (block
+                               1; or any block's backward with `defer=False`)
+                 DW_ACT_ROWS   (a_{l-1}^T @ g_y)^T without BatchNorm: g_z = g_y as stored
+                 DW_DEFERRED   with BatchNorm and an activation in front: the dX programs (the
+                               first column tile's) store the g_z they build, and the next
+                               launch, block l-1's, computes (a_{l-1}^T @ g_z)^T, a_{l-1} built
+                               on load from its own z (its NEXT programs). The g_z write costs
+                               what reading g_y and z again would have.
 A chain that ends on BatchNorm/activation (no next GEMM to ride on) adds one elementwise kernel
 each way (`_act_fwd_kernel`, `_act_bwd_kernel`).
+
+Padded rows and aligned weights: Triton loads 16 bytes at a time only from rows whose stride it
+knows is divisible by 16 elements, under masks constant over 16-element runs; most widths
+`mlp_by_budget` gives are not (252, 811, 1820). So the activations the kernels pass each other
+(z, g_y, g_z) have rows padded to 16 elements, written as zeros, and are read whole; a weight
+whose rows are not aligned is read through an aligned copy that the previous launch wrote
+(launchers: "padded rows and aligned weights").
+
+Tiles: the first of TILES, largest first, that gives every SM a CTA (narrow layers take narrow
+tiles); dW also splits the batch until it does. A table measured on a GPU comes first
+(kernels/tiles.py). Main loops always run at least once (see _gemm_core): a loop that might not
+run makes ptxas serialise every wgmma of the kernel.
 
 "Last program" is decided by a ticket counter (batchnorm._ticket) in a persistent, self-
 resetting int32 buffer, and the merges run in a fixed order: no atomics touch data, so two
@@ -55,9 +78,9 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .tiles import lookup as table_config
 from .batchnorm import (VEC_CENTER, VEC_ROWS, VEC_RSTD, VEC_SCALE, VEC_SHIFT, _finalize_grad, _finalize_stats,
                         _fixed_vectors, _grad_partials, _stats_partials, _ticket)
+from .tiles import lookup as table_config
 
 # Activation codes (the host side uses ACTIVATIONS).
 ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "tanh": 6}
@@ -309,7 +332,8 @@ def _gemm_core(
             a32 = tl.where(mask_m[:, None] & mask_k[None, :], a32, 0.0)
             a = a32.to(a_ptr.dtype.element_ty)
         if STORE_A:
-            tl.store(sa_ptr + rows[:, None] * stride_sam + ks, a, mask=(offs_m < sa_rows)[:, None] & (offs_k < a_k_ld)[None, :])
+            sa_mask = (offs_m < sa_rows)[:, None] & (offs_k < a_k_ld)[None, :]
+            tl.store(sa_ptr + rows[:, None] * stride_sam + ks, a, mask=sa_mask)
         if ROW_SUM:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
         b_mask = (offs_k < b_k_ld)[:, None] & (offs_n < b_n_ld)[None, :]
@@ -440,7 +464,7 @@ def _linear_fwd_kernel(
 
 @triton.jit
 def _dx_program(
-    pid, g_y_ptr, stride_gm, z_ptr, stride_zm, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
+    pid, g_y_ptr, stride_gm, stride_gn, z_ptr, stride_zm, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
     x_ptr, stride_xm, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr,
     in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, g_part_ptr, ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
@@ -456,7 +480,7 @@ def _dx_program(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _, _ = _gemm_core(
-        g_y_ptr, z_ptr, stride_gm, 1, stride_zm, 1, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
+        g_y_ptr, z_ptr, stride_gm, stride_gn, stride_zm, 1, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
         w_ptr, stride_wn, stride_wk, None, None, 0.0, 0.0, 0.0,
         gz_ptr, stride_gzm, tl.where(pid_n == 0, M, 0),
         offs_m, offs_n, M, K, 0, N, M, ld_n, N, ld_wk,
@@ -588,8 +612,8 @@ def _linear_bwd_kernel(
     # the next block's g_z along NN (padded rows: module docstring)
     M, N, K, NN, ld_n, ld_wk, ld_xk, ld_gk, ld_nn,
     # row strides (columns are contiguous, but x's and W's: the chain's input and the weight
-    # may have any strides)
-    stride_gm, stride_zm, stride_wn, stride_wk, stride_xm, stride_xk, stride_gim, stride_gzm, stride_nxm,
+    # may have any strides; and g_y's when it is a single column: see linear_bwd)
+    stride_gm, stride_gn, stride_zm, stride_wn, stride_wk, stride_xm, stride_xk, stride_gim, stride_gzm, stride_nxm,
     # programs: the first DX_PROGRAMS do dX, the next DW_PROGRAMS this block's dW, the rest the
     # next block's; each dW role's batch chunks
     DX_PROGRAMS, DW_PROGRAMS, ROWS_PER_SPLIT, NX_ROWS_PER_SPLIT,
@@ -611,7 +635,7 @@ def _linear_bwd_kernel(
             dw_part = _dw_scratch(M, N, K, ROWS_PER_SPLIT, SPLIT) if DW_MODE != DW_DEFERRED else 0
             nx_part = _dw_scratch(M, N, NN, NX_ROWS_PER_SPLIT, NX_SPLIT) if NEXT else 0
             _dx_program(
-                pid, g_y_ptr, stride_gm, z_ptr, stride_zm, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
+                pid, g_y_ptr, stride_gm, stride_gn, z_ptr, stride_zm, vec_ptr, uv_ptr, w_ptr, stride_wn, stride_wk,
                 x_ptr, stride_xm, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr,
                 in_dbeta_ptr, in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, scratch_ptr + dw_part + nx_part,
                 ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
@@ -633,7 +657,7 @@ def _linear_bwd_kernel(
             _dw_program(
                 pid - DX_PROGRAMS, x_ptr, x_ptr, stride_xm, stride_xm, in_vec_ptr, None, in_seed_ptr, in_drop_p,
                 in_drop_scale, in_slope,
-                g_y_ptr, stride_gm, 1, None, None, 0.0, 0.0, 0.0,
+                g_y_ptr, stride_gm, stride_gn, None, None, 0.0, 0.0, 0.0,
                 dw_ptr, db_ptr, scratch_ptr, tickets, M, K, N, ld_xk, ld_n, ROWS_PER_SPLIT,
                 A_ACT_M, IN_BN, IN_ACT, IN_DROPOUT, False, A_PLAIN, False, ACT_NONE, False, True, HAS_BIAS, SPLIT,
                 DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
@@ -956,11 +980,11 @@ class _DW(NamedTuple):
 NO_DW = _DW(16, 16, 16, 4, 3, 0, 0, 1, False, 0)  # a role without programs
 
 
-def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128) -> _DW:
+def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, narrowest: int = 16) -> _DW:
     """How a dW [DM, DN] = A^T B over a batch of B rows is tiled and split into batch chunks
     (_dw_program): the tile table's config, else the largest tile (TILES, at most `area`
-    elements) for which chunks of at least 4 BLOCK_K steps give every SM a program, else the
-    smallest with one-step chunks. At most 64 chunks: the last program of a tile sums them."""
+    elements and at least `narrowest` wide) for which chunks of at least 4 BLOCK_K steps give
+    every SM a program, else the smallest with one-step chunks."""
     block_k = 32 if dtype == torch.float32 else 64
     num_stages = 3
     config = None if _interpreting() else table_config("dw", DM, DN, B, dtype, device)
@@ -971,11 +995,10 @@ def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128) -> 
         block_m, block_n, block_k, _, num_stages, splits = config
     else:
         sms = num_sms()
-        fits = _fitting(DM, DN, min(area, _largest(dtype)))
+        fits = [t for t in _fitting(DM, DN, min(area, _largest(dtype))) if t[1] >= min(narrowest, DN)] or [TILES[-1]]
         wanted = [launch.cdiv(sms, launch.cdiv(DM, bm) * launch.cdiv(DN, bn)) for bm, bn in fits]
-        most = min(B // (4 * block_k), 64)
-        i = next((i for i, n in enumerate(wanted) if n <= max(most, 1)), len(fits) - 1)
-        (block_m, block_n), splits = fits[i], min(wanted[i], 64)
+        i = next((i for i, n in enumerate(wanted) if n <= max(B // (4 * block_k), 1)), len(fits) - 1)
+        (block_m, block_n), splits = fits[i], wanted[i]
     num_warps = config[3] if config is not None else _warps(block_m * block_n)
     n_tiles = launch.cdiv(DM, block_m) * launch.cdiv(DN, block_n)
     rows_per_split = max(1, B // splits // block_k) * block_k
@@ -1024,7 +1047,7 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     w_ld = K if w is None else w.stride(0)
     w = weight if w is None else w
     if deferred is not None:
-        assert deferred.x is z and deferred.site.vec is norm.vec, "a DeferredDW reads the output of the block it came to"
+        assert deferred.x is z and deferred.site.vec is norm.vec, "a DeferredDW goes to the block whose output it reads"
     if defer and input_grad and norm.mode != NO_BN and not site_in.identity:
         dw_mode = DEFERRED
     else:
@@ -1035,13 +1058,14 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
     dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
     # dW tiles up to 128 x 64: a launch's roles share its registers (the union of a dX role's and
-    # two dW roles' spills with 128 x 128 ones), and chunks of the batch fill the SMs anyway
-    area = 128 * 64
-    own = _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype, dev, area)
+    # two dW roles' spills with 128 x 128 ones), and chunks of the batch fill the SMs anyway. Two
+    # dW roles take 8 warps (below), and then 32 columns: 16 would leave 8-byte loads.
+    area, narrowest = 128 * 64, 32 if deferred is not None and dw_mode != DEFERRED else 16
+    own = _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype, dev, area, narrowest)
     if dw_mode == DEFERRED:
         own = NO_DW
     nn = deferred.dw.shape[0] if deferred is not None else 0
-    nxt = _dw_plan(B, N, nn, g_y.dtype, dev, area) if deferred is not None else NO_DW
+    nxt = _dw_plan(B, N, nn, g_y.dtype, dev, area, narrowest) if deferred is not None else NO_DW
     # The roles share the launch's warps and stages: the most warps any asks for (8 for two dW
     # roles, whose registers add up), the fewest stages.
     roles = [r for r in (own, nxt) if r.programs]
@@ -1065,6 +1089,8 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     scratch = launch.scratch(dev, own.scratch + nxt.scratch + dx_scratch)
     tickets = launch.tickets(dev, dx_col_tiles + own.tiles + nxt.tiles)
     ld_n = min(_ld(g_y, N), _ld(z, N))
+    # (g_y's columns are contiguous; a single one may be given any stride, since only it is read:
+    # 16 makes Triton see its elements as rows, contiguous, and load 8 rows at a time)
     site = deferred.site if deferred is not None else NO_SITE
     nx = deferred.g_z if deferred is not None else None
     launch.run(
@@ -1077,7 +1103,7 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
          deferred.dw if deferred is not None else None, deferred.db if deferred is not None else None,
          scratch, tickets,
          B, N, K, nn, ld_n, w_ld, _ld(x, K), _ld(g_in, K) if input_grad else K, _ld(nx, nn) if nx is not None else 0,
-         g_y.stride(0), z.stride(0), w.stride(0), w.stride(1), x.stride(0), x.stride(1),
+         g_y.stride(0), ALIGN if N == 1 else 1, z.stride(0), w.stride(0), w.stride(1), x.stride(0), x.stride(1),
          g_in.stride(0) if input_grad else 0, g_z.stride(0) if g_z is not None else 0,
          nx.stride(0) if nx is not None else 0,
          dx_programs, own.programs, own.rows_per_split, nxt.rows_per_split),

@@ -349,7 +349,7 @@ DOCUMENTED = {  # each documented command (its first words) and the test above t
     "bash bench/gpu.sh": test_gpu_kit_dry_run,
     "python -m bench.launches": None,  # tests/test_launches.py (a process without the interpreter)
     "python -m bench.kernels": None,  # tests/test_compiled.py runs the report
-    "python -m bench.tune": None,  # the tile tuner's own tests cover it; the kit runs it on a GPU
+    "python -m bench.tune": None,  # tests/test_tiles.py (its dry run); the kit runs it on a GPU
     "python -m pytest": None,  # CI's own command (.ci/run)
     "DWFAST_TEST_GPU=1 python -m pytest": None,  # GPU only: the kit's first step
     "pip install": None,  # CI's set-up (.ci/run)

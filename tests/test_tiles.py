@@ -75,8 +75,8 @@ def test_table_entry_is_what_compiles():
     out = json.loads(_run(["-c", _LAUNCH, json.dumps(table)]))
     assert out["shipped"] is None  # outside `using`, the shipped table (empty until a GPU run)
     (fwd, bwd), (h_fwd, h_bwd) = out["table"], out["heuristic"]
-    got = [fwd[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]
-    assert got == [128, 64, 32, 8, 4] != [h_fwd[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    assert [fwd[k] for k in keys] == [128, 64, 32, 8, 4] != [h_fwd[k] for k in keys]
     got = [bwd[k] for k in ("DW_BLOCK_M", "DW_BLOCK_N", "DW_BLOCK_K", "num_warps", "num_stages", "ROWS_PER_SPLIT")]
     assert got == [64, 32, 32, 4, 2, 4096 // 4]
     assert bwd["DW_PROGRAMS"] == 4 * 8 * 4 != h_bwd["DW_PROGRAMS"]  # 4 x 8 tiles of 252 x 256, 4 chunks
