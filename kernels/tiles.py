@@ -36,6 +36,7 @@ def _load(path: Path) -> dict:
 
 _table = _load(PATH)
 _names = {}
+_found = {}  # lookups answered from _table, for little host time per launch
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -65,8 +66,12 @@ def lookup(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.
     """The table's config for a `gemm` ("fwd", "dx", "dw") of these sizes, or None."""
     if not _table:
         return None
-    name = gpu_name(device)
-    return _table.get(name, {}).get(dtype_name(dtype), {}).get(f"{gemm} {shape_class(M, N, K)}") if name else None
+    key = (gemm, M, N, K, dtype, device, torch.get_float32_matmul_precision())
+    if key not in _found:
+        name = gpu_name(device)
+        gpu = _table.get(name, {}) if name else {}
+        _found[key] = gpu.get(dtype_name(dtype), {}).get(f"{gemm} {shape_class(M, N, K)}")
+    return _found[key]
 
 
 @contextlib.contextmanager
@@ -76,7 +81,9 @@ def using(gpus: dict):
     global _table
     previous = _table
     _table = gpus
+    _found.clear()
     try:
         yield
     finally:
         _table = previous
+        _found.clear()
