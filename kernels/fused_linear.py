@@ -984,7 +984,7 @@ def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, nar
     """How a dW [DM, DN] = A^T B over a batch of B rows is tiled and split into batch chunks
     (_dw_program): the tile table's config, else the largest tile (TILES, at most `area`
     elements and at least `narrowest` wide) for which chunks of at least 4 BLOCK_K steps give
-    every SM a program, else the smallest with one-step chunks."""
+    every SM a program, else the smallest with one-step chunks (of 32 rows where needed)."""
     block_k = 32 if dtype == torch.float32 else 64
     num_stages = 3
     config = None if _interpreting() else table_config("dw", DM, DN, B, dtype, device)
@@ -999,6 +999,8 @@ def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, nar
         wanted = [launch.cdiv(sms, launch.cdiv(DM, bm) * launch.cdiv(DN, bn)) for bm, bn in fits]
         i = next((i for i, n in enumerate(wanted) if n <= max(B // (4 * block_k), 1)), len(fits) - 1)
         (block_m, block_n), splits = fits[i], wanted[i]
+        if B // splits < block_k:  # one-step chunks: shorter steps make more of them
+            block_k = 32
     num_warps = config[3] if config is not None else _warps(block_m * block_n)
     n_tiles = launch.cdiv(DM, block_m) * launch.cdiv(DN, block_n)
     rows_per_split = max(1, B // splits // block_k) * block_k
@@ -1059,7 +1061,7 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
     # dW tiles up to 128 x 64: a launch's roles share its registers (the union of a dX role's and
     # two dW roles' spills with 128 x 128 ones), and chunks of the batch fill the SMs anyway. Two
-    # dW roles take 8 warps (below), and then 32 columns: 16 would leave 8-byte loads.
+    # dW roles may take 8 warps (below), and then 32 columns: 16 would leave 8-byte loads.
     area, narrowest = 128 * 64, 32 if deferred is not None and dw_mode != DEFERRED else 16
     own = _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype, dev, area, narrowest)
     if dw_mode == DEFERRED:
@@ -1072,7 +1074,7 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     if not _interpreting():
         largest = max([r.block_m * r.block_n for r in roles], default=0)
         num_warps = max([num_warps if input_grad else 4] + [r.num_warps for r in roles])
-        if len(roles) == 2 and largest >= 64 * 32:
+        if len(roles) == 2 and largest >= 64 * 64:
             num_warps = 8
         num_stages = min([num_stages if input_grad else 4] + [r.num_stages for r in roles])
 
