@@ -6,8 +6,8 @@ which reports an sm_90 (or sm_80) device and records launches instead of running
 the launchers pick their tiles, Triton specialises the arguments (dtypes, 16-byte
 divisibility of pointers and integers) and compiles with its bundled ptxas exactly as for a
 real launch, and nothing here knows a kernel's signature, but which programs of the backward
-kernel take which role (ROLES: a row per role, with its own main loop). Each compiled kernel's cubin is
-then read with Triton's bundled ``nvdisasm`` (its SASS) and ``cuobjdump``:
+kernel take which role (ROLES: a row per role, with its own main loop). Each compiled kernel's
+cubin is then read with Triton's bundled ``nvdisasm`` (its SASS) and ``cuobjdump``:
 
 - registers: ``cuobjdump --dump-resource-usage`` (REG);
 - spills: bytes of local-memory stores and loads (STL / LDL) in the SASS. That is what

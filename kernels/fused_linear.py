@@ -1091,10 +1091,10 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     scratch = launch.scratch(dev, own.scratch + nxt.scratch + dx_scratch)
     tickets = launch.tickets(dev, dx_col_tiles + own.tiles + nxt.tiles)
     ld_n = min(_ld(g_y, N), _ld(z, N))
-    # (g_y's columns are contiguous; a single one may be given any stride, since only it is read:
-    # 16 makes Triton see its elements as rows, contiguous, and load 8 rows at a time)
     site = deferred.site if deferred is not None else NO_SITE
     nx = deferred.g_z if deferred is not None else None
+    # g_y's column stride is 1, but a single column's may be anything, as no other is read: 16
+    # makes Triton see its elements as contiguous rows and load 8 at a time (a one-output head)
     launch.run(
         _linear_bwd_kernel, (dx_programs + own.programs + nxt.programs, 1, 1),
         (g_y, z, norm.vec, norm.uv, w,
