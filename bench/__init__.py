@@ -5,3 +5,15 @@ Entry points: ``python -m bench`` (sweep), ``python -m bench report``, ``python 
 ``python -m bench.roofline``, ``bench/ncu.sh`` and ``pytest bench --benchmark-only``. See
 ``bench/README.md``.
 """
+import argparse
+
+
+def comma_list(kind=str, choices=None):
+    """An argparse type: a comma-separated list of `kind` values, each one of `choices` if given."""
+    def parse(text):
+        values = [kind(v) for v in text.split(",")]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(map(str, choices))}")
+        return values
+    return parse

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from . import comma_list
 from . import device as dev
 from . import gpu, models, plots, records, report, study, sweep
 
@@ -22,24 +23,6 @@ def _device(args):
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     return device
-
-
-def _floats(text):
-    return [float(v) for v in text.split(",")]
-
-
-def _ints(text):
-    return [int(v) for v in text.split(",")]
-
-
-def _names(choices):
-    def parse(text):
-        names = text.split(",")
-        bad = [n for n in names if n not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
-        return names
-    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,12 +42,13 @@ def parser() -> argparse.ArgumentParser:
                         description="Time every implementation on budgets x depths x batches x dtypes x "
                                     "modes; print a table, write a JSON record and PNG plots. "
                                     "Unset options take the device's defaults.")
-    sw.add_argument("--budgets", type=_floats, help="parameter budgets, comma-separated (e.g. 1e5,1e6)")
-    sw.add_argument("--depths", type=_ints, help="hidden-layer counts, comma-separated")
-    sw.add_argument("--batches", type=_ints, help="batch sizes, comma-separated")
-    sw.add_argument("--dtypes", type=_names(list(models.DTYPES)), help="fp32,bf16,fp16 (see bench.models.precision)")
-    sw.add_argument("--modes", type=_names(models.MODES), help="train (fwd+bwd+SGD step) and/or infer")
-    sw.add_argument("--impls", type=_names(models.IMPLS), help=f"subset of {','.join(models.IMPLS)}")
+    sw.add_argument("--budgets", type=comma_list(float), help="parameter budgets, comma-separated (e.g. 1e5,1e6)")
+    sw.add_argument("--depths", type=comma_list(int), help="hidden-layer counts, comma-separated")
+    sw.add_argument("--batches", type=comma_list(int), help="batch sizes, comma-separated")
+    sw.add_argument("--dtypes", type=comma_list(str, list(models.DTYPES)),
+                    help="fp32,bf16,fp16 (see bench.models.precision)")
+    sw.add_argument("--modes", type=comma_list(str, models.MODES), help="train (fwd+bwd+SGD step) and/or infer")
+    sw.add_argument("--impls", type=comma_list(str, models.IMPLS), help=f"subset of {','.join(models.IMPLS)}")
     sw.add_argument("--compile", action="store_true",
                     help="on the CPU, add torch.compile to the default implementations (about 2 min more "
                          "on 2 cores); on CUDA it is always in")
@@ -90,12 +74,13 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="accuracy vs training throughput per depth at one parameter count",
                         description=study.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = study.StudyConfig()
-    st.add_argument("--tasks", type=_names(["digits", "teacher"]), default=defaults.tasks,
+    st.add_argument("--tasks", type=comma_list(str, ["digits", "teacher"]), default=defaults.tasks,
                     help="digits (needs scikit-learn) and/or teacher (default both)")
-    st.add_argument("--depths", type=_ints, default=defaults.depths, help="hidden-layer counts (default 1,2,4,8,16)")
+    st.add_argument("--depths", type=comma_list(int), default=defaults.depths,
+                    help="hidden-layer counts (default 1,2,4,8,16)")
     st.add_argument("--budget", type=float, default=defaults.budget, help="parameter count (default 2e4)")
     st.add_argument("--epochs", type=int, default=defaults.epochs, help="Adam epochs (default 20)")
-    st.add_argument("--seeds", type=_ints, default=defaults.seeds, help="seeds (default 0,1,2)")
+    st.add_argument("--seeds", type=comma_list(int), default=defaults.seeds, help="seeds (default 0,1,2)")
     st.add_argument("--teacher-samples", type=int, default=defaults.teacher_samples,
                     help="size of the synthetic data set, 80%% train (default 5000)")
     st.add_argument("--linear-depth", type=int, default=defaults.linear_depth,

@@ -53,7 +53,7 @@ from triton.runtime.cache import get_cache_manager
 
 import dwfast
 
-from . import models
+from . import comma_list, models
 from .standin import DEVICES, standin_gpu
 
 # dtype labels: fp32 runs at torch's default matmul precision "highest", tf32 is fp32 at "high"
@@ -438,16 +438,6 @@ def cases(args) -> List[Case]:
             for m in models_ for batch in args.batches for mode in args.modes]
 
 
-def _list(kind, choices=None):
-    def parse(text):
-        values = [kind(v) for v in text.split(",")]
-        bad = [v for v in values if choices is not None and v not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(map(str, choices))}")
-        return values
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line (see ``--help``)."""
     p = argparse.ArgumentParser(
@@ -459,20 +449,20 @@ def parser() -> argparse.ArgumentParser:
                "  python -m bench.kernels --batches 4096 --widths 64,252,256,811,4096 --dtypes bf16,fp32 "
                "--modes train,whole --kernels linear_,mlp_\n"
                "  python -m bench.kernels --budgets 1e6,1e7 --depths 1,8 --arch 90,80 --json out.json\n\n" + LEGEND)
-    p.add_argument("--widths", type=_list(int), default=[],
+    p.add_argument("--widths", type=comma_list(int), default=[],
                    help="hidden widths; each gives MLP(W, [W] * depth, W) (default 256 unless --budgets)")
     p.add_argument("--depth", type=int, default=2, help="hidden layers for --widths (default 2)")
-    p.add_argument("--budgets", type=_list(float), default=[],
+    p.add_argument("--budgets", type=comma_list(float), default=[],
                    help="parameter budgets: dwfast.mlp_by_budget(features, budget, depth, outputs) per --depths")
-    p.add_argument("--depths", type=_list(int), default=[1, 8], help="depths for --budgets (default 1,8)")
+    p.add_argument("--depths", type=comma_list(int), default=[1, 8], help="depths for --budgets (default 1,8)")
     p.add_argument("--features", type=int, help="input width (default W for --widths, 128 for --budgets)")
     p.add_argument("--outputs", type=int, help="output width (default W for --widths, 1 for --budgets)")
-    p.add_argument("--batches", type=_list(int), default=[4096], help="batch sizes (default 4096)")
-    p.add_argument("--dtypes", type=_list(str, DTYPES), default=["bf16"],
+    p.add_argument("--batches", type=comma_list(int), default=[4096], help="batch sizes (default 4096)")
+    p.add_argument("--dtypes", type=comma_list(str, DTYPES), default=["bf16"],
                    help="bf16, fp16, fp32 (matmul precision 'highest'), tf32 (fp32 at 'high'); default bf16")
-    p.add_argument("--modes", type=_list(str, MODES), default=list(MODES), help=MODE_HELP)
-    p.add_argument("--arch", type=_list(int, DEVICES), default=[90], help="targets: 90 (H100), 80 (A100)")
-    p.add_argument("--kernels", type=_list(str), help="only kernels whose name contains one of these")
+    p.add_argument("--modes", type=comma_list(str, MODES), default=list(MODES), help=MODE_HELP)
+    p.add_argument("--arch", type=comma_list(int, DEVICES), default=[90], help="targets: 90 (H100), 80 (A100)")
+    p.add_argument("--kernels", type=comma_list(str), help="only kernels whose name contains one of these")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': to stdout, no table)")
     p.add_argument("-v", "--verbose", action="store_true", help="a specialisation line for every row, with sizes")
     return p

@@ -6,11 +6,13 @@ A training step here is a model's forward and backward (`model(x).backward(grad)
 and the optimizer aside (they cost every implementation the same). Two counts per step:
 - Triton kernels: dwfast's, recorded by the stand-in GPU (bench/standin.py) while the step runs
   down the kernel path: each launch compiled for sm_90 as a real launch is, then dropped.
-- PyTorch ops that launch a kernel on a GPU: every ATen op the step dispatches, autograd's own
-  included (zeros for gradients, sums, casts), seen by a TorchDispatchMode; allocations, views
-  and metadata ops launch nothing and are not counted. Eager PyTorch runs for real on the CPU,
-  where it dispatches the ops it would on a GPU (most launch one kernel each; a few, like
-  BatchNorm's backward, launch more, so eager's count is a lower bound).
+- PyTorch ops that launch a kernel on a GPU: every ATen op the step runs, autograd's own
+  included (zeros for gradients, sums, casts) and those inside dwfast's custom ops, recorded by
+  torch.profiler and counted as `bench.profile` counts CPU kernels: the outermost op that does
+  work of its own (allocations, views and composites of other ops launch nothing). Eager
+  PyTorch runs for real on the CPU, where it runs the ops it would on a GPU (most launch one
+  kernel each; a few, like BatchNorm's backward, launch more, so eager's count is a lower
+  bound).
 Host time: dwfast's step under the stand-in, where a launch costs its Python and Triton work up
 to the driver call (a real launch adds the driver's own few microseconds), as the CPU time of
 the thread (median of steps), which other load on the machine disturbs less than wall time.
@@ -25,30 +27,18 @@ from collections import Counter
 from typing import NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.profiler import ProfilerActivity, profile
 
 import dwfast
+from bench.profile import cpu_kernel, quiet_profiler
 from bench.standin import standin_gpu
 
-# ATen ops that launch no kernel: allocation and metadata. (Views are recognised by their schema.)
-_NO_LAUNCH = {"empty", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "set_",
-              "resize_", "_local_scalar_dense", "is_same_size", "_has_compatible_shallow_copy_type"}
 
-
-class _Ops(TorchDispatchMode):
-    """Counts the ATen ops dispatched inside it that would launch a kernel on a GPU; dwfast's
-    custom ops are not counted (their kernels are counted as Triton launches)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        namespace, _, op = name.partition("::")
-        if namespace == "aten" and not func.is_view and op not in _NO_LAUNCH:
-            self.ops[op] += 1
-        return func(*args, **(kwargs or {}))
+def _torch_ops(fn) -> Counter:
+    """The ATen ops that `fn()` runs which would launch a kernel on a GPU, by name."""
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return Counter(e.name.split("::")[-1] for e in prof.events() if cpu_kernel(e))
 
 
 class Step(NamedTuple):
@@ -76,9 +66,7 @@ def eager_step(model, x, grad) -> Step:
     """The launches of one eager training step of `model` (run for real, on x's device); with
     `grad` None, of a no-grad forward."""
     _step(model, x, grad)  # warm-up
-    with _Ops() as ops:
-        _step(model, x, grad)
-    return Step(Counter(), ops.ops)
+    return Step(Counter(), _torch_ops(lambda: _step(model, x, grad)))
 
 
 def dwfast_step(model, x, grad) -> Step:
@@ -87,9 +75,8 @@ def dwfast_step(model, x, grad) -> Step:
     with standin_gpu() as gpu:
         _step(model, x, grad)  # warm-up: compiles every kernel
         del gpu.launches[:]
-        with _Ops() as ops:
-            _step(model, x, grad)
-        return Step(Counter(launch.name for launch in gpu.launches), ops.ops)
+        ops = _torch_ops(lambda: _step(model, x, grad))
+        return Step(Counter(launch.name for launch in gpu.launches), ops)
 
 
 def dwfast_host_us(model, x, grad, steps: int = 20) -> float:

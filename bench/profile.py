@@ -33,7 +33,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from . import device as dev
-from . import launches, models, records
+from . import models, records
 
 STEPS = 3  # wait, warmup, active
 KERNEL_KEYS = ("CPU", "CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional")
@@ -76,7 +76,9 @@ def _has_cpu_kernel(qualified: str) -> bool:
         return False
 
 
-def _cpu_kernel(event) -> bool:
+def cpu_kernel(event) -> bool:
+    """Whether a CPU profiler event stands for a kernel: the outermost op that does work of its
+    own, or Inductor's generated C++ (module docstring)."""
     if "cpp_fused" in event.name:  # Inductor's generated C++ (cpp.enable_kernel_profile)
         return True
     if not does_work(event.name):
@@ -93,7 +95,7 @@ def kernels(prof, device) -> dict:
     """``{name: [count, microseconds]}`` of the kernels profiled (see the module docstring)."""
     table = defaultdict(lambda: [0, 0.0])
     for e in prof.events():
-        keep = e.device_type == DeviceType.CUDA if device.type == "cuda" else _cpu_kernel(e)
+        keep = e.device_type == DeviceType.CUDA if device.type == "cuda" else cpu_kernel(e)
         if keep:
             table[e.name][0] += 1
             # a GPU activity's own span; a CPU op's span includes the ops it calls (module docstring)
@@ -186,6 +188,7 @@ def main(argv=None) -> int:
     batch = args.batch or (4096 if cuda else 256)
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
     if args.launches:
+        from . import launches  # (it imports this module's kernel counting)
         width = models.reference_model(args.features, budget, args.depth, 1, 0, torch.device("cpu"))[0].out_features
         launches.main(["--depth", str(args.depth), "--width", str(width), "--batch", str(batch),
                        "--in-features", str(args.features), "--out-features", "1", "--dtype", dtype_name])

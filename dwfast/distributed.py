@@ -39,7 +39,9 @@ def sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
 
 def _synchronised(bn: Optional[nn.Module]) -> bool:
-    return isinstance(bn, nn.SyncBatchNorm) or hasattr(bn, _SYNC_ATTR)
+    # the marker is a plain attribute: look in __dict__ (hasattr on a module raises and
+    # catches an AttributeError when it is missing, a cost on every forward)
+    return isinstance(bn, nn.SyncBatchNorm) or _SYNC_ATTR in getattr(bn, "__dict__", ())
 
 
 def _group(bn: nn.Module):

@@ -37,16 +37,17 @@ def _check_eps(bn: nn.Module) -> None:
 def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
     """Raise what eager would raise, before any state changes (eager's BatchNorm bumps
     ``num_batches_tracked`` before its checks, and earlier blocks update their statistics)."""
-    if x.dim() == 2:
-        width = x.shape[-1]
-        for blk in blocks:
-            w = blk.linear.weight
-            if w.shape[1] != width:
-                raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied "
-                                   f"({x.shape[0]}x{width} and {w.shape[1]}x{w.shape[0]})")
-            width = w.shape[0]
-        w = blocks[0].linear.weight
-        low = autocast_dtype(x)
+    two_d = x.dim() == 2
+    if two_d:
+        rows, width = x.shape
+        weights = [blk.linear.weight for blk in blocks]
+        for w in weights:
+            n_out, n_in = w.shape
+            if n_in != width:
+                raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{width} and {n_in}x{n_out})")
+            width = n_out
+        w = weights[0]
+        low = autocast_dtype(x) if x.dtype != w.dtype else None  # equal dtypes: fine with or without autocast
         if _linear_dtype(x, low) != _linear_dtype(w, low):
             # only float dtypes are worth suggesting for the model
             model_hint = f" or the model with model.to({x.dtype})" if x.dtype.is_floating_point else ""
@@ -55,10 +56,11 @@ def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
         if x.device != w.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but got input on {x.device} "
                                f"and parameters on {w.device}: move one with .to(device)")
+    single_row = two_d and x.shape[0] == 1
     for blk in blocks:  # block by block, as eager meets them: batch size first, then eps
         if blk.bn is None:
             continue
-        if x.dim() == 2 and x.shape[0] == 1 and uses_batch_stats(blk.bn):
+        if single_row and uses_batch_stats(blk.bn):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
         _check_eps(blk.bn)
 
