@@ -47,15 +47,20 @@ def act_spec(act: Optional[nn.Module]) -> Tuple[str, float]:
 
 
 def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
-    """The reference: the same blocks run by eager PyTorch, module by module."""
+    """The reference: the same blocks run by eager PyTorch, module by module.
+
+    Each module's ``forward`` is called as ``module(x)`` would call it: a block holds only
+    modules without hooks (:func:`plan`), and then the rest of ``nn.Module.__call__`` is a
+    microsecond or two of bookkeeping per module, which is what fusing must not cost where
+    this path runs (the CPU)."""
     for blk in blocks:
-        x = blk.linear(x)
+        x = blk.linear.forward(x)
         if blk.bn is not None:
             x = batch_norm(blk.bn, x)
         if blk.act is not None:
-            x = blk.act(x)
+            x = blk.act.forward(x)
         if blk.dropout is not None:
-            x = blk.dropout(x)
+            x = blk.dropout.forward(x)
     return x
 
 
@@ -69,7 +74,7 @@ def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
         return distributed.batch_norm(x, bn)
     if not (torch.compiler.is_compiling() and bn.momentum is None and bn.training and bn.track_running_stats
             and bn.num_batches_tracked is not None and type(bn) is nn.BatchNorm1d):
-        return bn(x)
+        return bn.forward(x)
     bn._check_input_dim(x)
     bn.num_batches_tracked.add_(1)
     factor = 1.0 / bn.num_batches_tracked

@@ -40,13 +40,19 @@ def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
     two_d = x.dim() == 2
     if two_d:
         rows, width = x.shape
-        weights = [blk.linear.weight for blk in blocks]
-        for w in weights:
+        first = None
+        for blk in blocks:
+            # `.weight` is a Python call (nn.Module.__getattr__), the dict lookup is not; the dict
+            # holds the same tensor (functional_call swaps it there too) unless a hook keeps it elsewhere
+            w = blk.linear._parameters.get("weight")
+            if w is None:
+                w = blk.linear.weight
             n_out, n_in = w.shape
             if n_in != width:
                 raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{width} and {n_in}x{n_out})")
             width = n_out
-        w = weights[0]
+            first = w if first is None else first
+        w = first
         low = autocast_dtype(x) if x.dtype != w.dtype else None  # equal dtypes: fine with or without autocast
         if _linear_dtype(x, low) != _linear_dtype(w, low):
             # only float dtypes are worth suggesting for the model

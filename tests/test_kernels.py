@@ -8,6 +8,7 @@ the CPU (or on a GPU with DWFAST_TEST_GPU=1).
 """
 import copy
 import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -339,7 +340,8 @@ def test_rule_is_flip_aware(at, flip_allowed):
         first = blocks[0]
         shift = torch.zeros(x.shape[0], 8, dtype=x.dtype)
         shift[0, 0] = 2 * at
-        return eager_chain(x, [first._replace(linear=lambda h: first.linear(h) - shift), *blocks[1:]])
+        shifted = SimpleNamespace(forward=lambda h: first.linear(h) - shift)  # eager_chain calls forward
+        return eager_chain(x, [first._replace(linear=shifted), *blocks[1:]])
 
     if flip_allowed:
         compare(blocks, x, torch.float32, "cpu", fused_fn=flipped)
