@@ -74,7 +74,9 @@ def heuristic(gemm: str, batch: int, n: int, k: int, dtype: torch.dtype, device)
 
 
 def candidates(gemm: str, batch: int, n: int, k: int, dtype: torch.dtype, device) -> List[list]:
-    """The heuristic's configuration first, then its neighbours in TILES and four stages."""
+    """The heuristic's configuration first, then its neighbours in TILES and four stages; for a
+    wide 16-bit GEMM (the heuristic's largest tile) also 128 x 256, which TILES leaves out
+    because its statistics epilogue may spill: timing decides."""
     first = heuristic(gemm, batch, n, k, dtype, device)
     i = F.TILES.index(tuple(first[:2])) if tuple(first[:2]) in F.TILES else 0
     out = [first, first[:4] + [4] + first[5:]]
@@ -82,6 +84,8 @@ def candidates(gemm: str, batch: int, n: int, k: int, dtype: torch.dtype, device
         if 0 <= j < len(F.TILES):
             bm, bn = F.TILES[j]
             out.append([bm, bn, first[2], F._warps(bm * bn)] + first[4:])
+    if gemm != "dw" and i == 0 and dtype != torch.float32 and _sizes(gemm, batch, n, k)[1] >= 256:
+        out.append([128, 256, first[2], 8] + first[4:])
     return out
 
 

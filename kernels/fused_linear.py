@@ -59,8 +59,9 @@ whose rows are not aligned is read through an aligned copy that the previous lau
 
 Tiles: the first of TILES, largest first, that gives every SM a CTA (narrow layers take narrow
 tiles); dW also splits the batch until it does. A table measured on a GPU comes first
-(kernels/tiles.py). Main loops always run at least once (see _gemm_core): a loop that might not
-run makes ptxas serialise every wgmma of the kernel.
+(kernels/tiles.py). The forward's and dX's output tiles run in grouped order (_grouped_tile).
+Main loops always run at least once (see _gemm_core): a loop that might not run makes ptxas
+serialise every wgmma of the kernel.
 
 "Last program" is decided by a ticket counter (batchnorm._ticket) in a persistent, self-
 resetting int32 buffer, and the merges run in a fixed order: no atomics touch data, so two
@@ -257,6 +258,22 @@ def _wide(n):
     return n + tl.zeros((), dtype=tl.int64)
 
 
+# Row tiles per group of the grouped tile order (_grouped_tile).
+GROUP_M = tl.constexpr(8)
+
+
+@triton.jit
+def _grouped_tile(pid, row_tiles, col_tiles):
+    """(pid_m, pid_n) of output tile `pid` in grouped order: GROUP_M row tiles take every column
+    tile together, column by column, so the CTAs running at once read a few row panels of A and
+    a few column panels of W, which stay in L2, rather than all of one operand (the Triton matmul
+    tutorial's order). With fewer row tiles than GROUP_M it is column-major order."""
+    in_group = GROUP_M * col_tiles
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(row_tiles - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_rows, (pid % in_group) // group_rows
+
+
 @triton.jit
 def _gemm_core(
     # A [M, K] (and, in the A_GRAD modes, the z of the same shape) and its transform: an
@@ -421,9 +438,11 @@ def _linear_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """z = act_in(x) @ W^T + b, and this block's BatchNorm vectors (see the module docstring)."""
-    pid_m = tl.program_id(0)
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), row_tiles, col_tiles)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _, _ = _gemm_core(
         x_ptr, x_ptr, stride_xm, stride_xk, stride_xm, stride_xk,
         in_vec_ptr, None, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
@@ -443,20 +462,17 @@ def _linear_fwd_kernel(
     tl.store(z_ptr + offs_m.to(tl.int64)[:, None] * stride_zm + offs_n[None, :], z,
              mask=mask_m[:, None] & (offs_n < ld_zn)[None, :])
     if COPY_NEXT:
-        program = pid_m * tl.num_programs(1) + tl.program_id(1)
-        _copy_padded(nw_ptr, stride_nwn, stride_nwk, nw_rows, N, z_ptr + _wide(M) * stride_zm, stride_zm, program,
-                     tl.num_programs(0) * tl.num_programs(1), 1024)
+        _copy_padded(nw_ptr, stride_nwn, stride_nwk, nw_rows, N, z_ptr + _wide(M) * stride_zm, stride_zm,
+                     tl.program_id(0), row_tiles * col_tiles, 1024)
     if BN_MODE == BN_FIXED:
         if pid_m == 0:
             _fixed_vectors(vec_ptr, run_mean_ptr, run_var_ptr, gamma_ptr, beta_ptr, eps, N, offs_n, mask_n,
                            HAS_GAMMA, HAS_BETA)
     elif BN_MODE != BN_NONE:
         # statistics of the stored (rounded) z, as eager computes them
-        row_tiles = tl.num_programs(0)
         _stats_partials(z.to(tl.float32), mask, offs_m, offs_n, mask_n, pid_m, part_ptr, M, N, row_tiles, BLOCK_M)
         if BN_MODE == BN_BATCH:
-            col_tiles = tl.num_programs(1)
-            if _ticket(ticket_ptr + tl.program_id(1), row_tiles):
+            if _ticket(ticket_ptr + pid_n, row_tiles):
                 _finalize_stats(part_ptr, vec_ptr, gamma_ptr, beta_ptr, run_mean_ptr, run_var_ptr, nbt_ptr,
                                 ticket_ptr + col_tiles, eps, momentum, offs_n, mask_n, M, N, row_tiles, col_tiles,
                                 BLOCK_M, HAS_GAMMA, HAS_BETA, RUNNING, CUMULATIVE)
@@ -471,12 +487,10 @@ def _dx_program(
     IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr, STORE_GZ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dX tile `pid` (row-major over [M, K]): g_y_{l-1} = act_in'(g_z @ W), its partials and
+    """dX tile `pid` (grouped order over [M, K]): g_y_{l-1} = act_in'(g_z @ W), its partials and
     the previous block's BatchNorm gradients (module docstring); with STORE_GZ the first
     column tile's programs also store the g_z they build, for the next launch's dW."""
-    col_tiles = tl.cdiv(K, BLOCK_N)
-    pid_m = pid // col_tiles
-    pid_n = pid % col_tiles
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _, _ = _gemm_core(
@@ -939,10 +953,11 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
     w = weight if w is None else w
     copy = _weight_copy(z, next_weight) if next_weight is not None else None
     block_m, block_n, block_k, num_warps, num_stages = _tiles("fwd", M, N, K, x.dtype, x.device)
-    grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
+    row_tiles, col_tiles = launch.cdiv(M, block_m), launch.cdiv(N, block_n)
+    grid = (row_tiles * col_tiles, 1, 1)  # in grouped tile order (_grouped_tile)
     mode = norm.mode
-    part = launch.scratch(x.device, 3 * grid[0] * N) if mode in (BATCH, PARTIALS) else None
-    ticket = launch.tickets(x.device, grid[1] + 1) if mode == BATCH else None
+    part = launch.scratch(x.device, 3 * row_tiles * N) if mode in (BATCH, PARTIALS) else None
+    ticket = launch.tickets(x.device, col_tiles + 1) if mode == BATCH else None
     running = mode == BATCH and norm.running_mean is not None
     nw = next_weight if copy is not None else None
     launch.run(
@@ -959,7 +974,7 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
          copy is not None, block_m, block_n, block_k, _precision(x.dtype)),
         num_warps, num_stages,
     )
-    return z, ((part[:3 * grid[0] * N].view(3, grid[0], N), block_m) if mode == PARTIALS else None)
+    return z, ((part[:3 * row_tiles * N].view(3, row_tiles, N), block_m) if mode == PARTIALS else None)
 
 
 class _DW(NamedTuple):
