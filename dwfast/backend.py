@@ -40,11 +40,11 @@ def get_backend() -> str:
 STANDIN = False
 
 
-def is_reference(device) -> bool:
-    """Whether tensors on `device` run the pure-PyTorch reference (cheaper to ask than
-    :func:`resolve_backend`, and never raises)."""
+def is_reference(x) -> bool:
+    """Whether a chain on tensor `x` runs the pure-PyTorch reference (cheaper to ask than
+    :func:`resolve_backend`, and never raises; on the CPU every step of a forward counts)."""
     name = get_backend()
-    return name == "torch" or (name == "auto" and device.type != "cuda" and not STANDIN)
+    return name == "torch" or (name == "auto" and not x.is_cuda and not STANDIN)
 
 
 def resolve_backend(device) -> str:

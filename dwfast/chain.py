@@ -70,10 +70,10 @@ def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     ``fullgraph=True`` (pytorch#194504), so the factor stays a tensor here. Eager runs keep
     ``bn(x)`` itself, bit for bit. A SyncBatchNorm goes through dwfast.distributed, which
     also runs it on the CPU (eager SyncBatchNorm refuses CPU tensors)."""
-    if distributed.needs_sync(bn) or isinstance(bn, nn.SyncBatchNorm):
+    if distributed.synchronised(bn) and (isinstance(bn, nn.SyncBatchNorm) or distributed.needs_sync(bn)):
         return distributed.batch_norm(x, bn)
-    if not (torch.compiler.is_compiling() and bn.momentum is None and bn.training and bn.track_running_stats
-            and bn.num_batches_tracked is not None and type(bn) is nn.BatchNorm1d):
+    if bn.momentum is not None or not (torch.compiler.is_compiling() and bn.training and bn.track_running_stats
+                                       and bn.num_batches_tracked is not None and type(bn) is nn.BatchNorm1d):
         return bn.forward(x)
     bn._check_input_dim(x)
     bn.num_batches_tracked.add_(1)

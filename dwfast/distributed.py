@@ -38,7 +38,8 @@ def sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     return module
 
 
-def _synchronised(bn: Optional[nn.Module]) -> bool:
+def synchronised(bn: Optional[nn.Module]) -> bool:
+    """Whether `bn` is a SyncBatchNorm or marked by :func:`sync_batchnorm`."""
     # the marker is a plain attribute: look in __dict__ (hasattr on a module raises and
     # catches an AttributeError when it is missing, a cost on every forward)
     return isinstance(bn, nn.SyncBatchNorm) or _SYNC_ATTR in getattr(bn, "__dict__", ())
@@ -50,7 +51,7 @@ def _group(bn: nn.Module):
 
 def needs_sync(bn: Optional[nn.Module]) -> bool:
     """Whether `bn` reduces its batch statistics across ranks in this call."""
-    return (_synchronised(bn) and bn.training and dist.is_available() and dist.is_initialized()
+    return (synchronised(bn) and bn.training and dist.is_available() and dist.is_initialized()
             and dist.get_world_size(_group(bn)) > 1)
 
 

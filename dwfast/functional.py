@@ -27,11 +27,10 @@ def _linear_dtype(t: torch.Tensor, low: Optional[torch.dtype]) -> torch.dtype:
 
 def _check_eps(bn: nn.Module) -> None:
     """F.batch_norm's eps check, whichever torch version runs: F.batch_norm itself on meta
-    tensors (it checks before computing, and meta tensors compute nothing). Non-positive eps
+    tensors (it checks before computing, and meta tensors compute nothing). For non-positive eps
     only: the rule has changed between torch versions, a positive one passes all of them."""
-    if bn.eps <= 0:
-        x, stats = torch.empty(2, 1, device="meta"), torch.empty(1, device="meta")
-        F.batch_norm(x, stats, stats, training=uses_batch_stats(bn), eps=bn.eps)
+    x, stats = torch.empty(2, 1, device="meta"), torch.empty(1, device="meta")
+    F.batch_norm(x, stats, stats, training=uses_batch_stats(bn), eps=bn.eps)
 
 
 def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
@@ -53,22 +52,25 @@ def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
             width = n_out
             first = w if first is None else first
         w = first
-        low = autocast_dtype(x) if x.dtype != w.dtype else None  # equal dtypes: fine with or without autocast
-        if _linear_dtype(x, low) != _linear_dtype(w, low):
-            # only float dtypes are worth suggesting for the model
-            model_hint = f" or the model with model.to({x.dtype})" if x.dtype.is_floating_point else ""
-            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {w.dtype}: "
-                               f"cast the input with x.to({w.dtype}){model_hint}")
+        if x.dtype != w.dtype:  # (equal dtypes are fine with or without autocast)
+            low = autocast_dtype(x)
+            if _linear_dtype(x, low) != _linear_dtype(w, low):
+                # only float dtypes are worth suggesting for the model
+                model_hint = f" or the model with model.to({x.dtype})" if x.dtype.is_floating_point else ""
+                raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {w.dtype}: "
+                                   f"cast the input with x.to({w.dtype}){model_hint}")
         if x.device != w.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but got input on {x.device} "
                                f"and parameters on {w.device}: move one with .to(device)")
     single_row = two_d and x.shape[0] == 1
     for blk in blocks:  # block by block, as eager meets them: batch size first, then eps
-        if blk.bn is None:
+        bn = blk.bn
+        if bn is None:
             continue
-        if single_row and uses_batch_stats(blk.bn):
+        if single_row and uses_batch_stats(bn):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-        _check_eps(blk.bn)
+        if bn.eps <= 0:
+            _check_eps(bn)
 
 
 def _ops_follow(bn: nn.Module) -> bool:
@@ -120,7 +122,7 @@ def fused_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     under ``torch.compile(fullgraph=True)``, also with ``BatchNorm1d(momentum=None)``.
     """
     _validate(x, blocks)
-    if is_reference(x.device) or not _fusable(x, blocks):
+    if is_reference(x) or not _fusable(x, blocks):
         return eager_chain(x, blocks)
     backend = resolve_backend(x.device)
     if autocast_dtype(x) is not None:

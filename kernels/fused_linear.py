@@ -78,7 +78,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
+from . import launch, tiles
 from .batchnorm import (VEC_CENTER, VEC_ROWS, VEC_RSTD, VEC_SCALE, VEC_SHIFT, _finalize_grad, _finalize_stats,
                         _fixed_vectors, _grad_partials, _stats_partials, _ticket)
 from .tiles import lookup as table_config
@@ -839,6 +839,23 @@ def _largest(dtype: torch.dtype) -> int:
     return 128 * 64 if dtype == torch.float32 else 128 * 128
 
 
+def _per_shape(plan):
+    """`plan` (a launch plan: a function of its arguments, torch's fp32 matmul precision, the
+    tile table and the GPU of the active driver) made once per arguments: planning every launch
+    anew costs host time of the order of the launch itself."""
+    made = {}
+
+    def cached(*args):
+        # (the driver object itself: a stand-in for another GPU is another driver)
+        key = (args, torch.get_float32_matmul_precision(), tiles.generation(), triton.runtime.driver.active)
+        found = made.get(key)
+        if found is None:
+            found = made[key] = plan(*args)
+        return found
+    return cached
+
+
+@_per_shape
 def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the `gemm` ("fwd", "dx": see
     tiles.py) of an M x N output over K: the tile table's, else the heuristic's."""
@@ -995,6 +1012,7 @@ class _DW(NamedTuple):
 NO_DW = _DW(16, 16, 16, 4, 3, 0, 0, 1, False, 0)  # a role without programs
 
 
+@_per_shape
 def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, narrowest: int = 16) -> _DW:
     """How a dW [DM, DN] = A^T B over a batch of B rows is tiled and split into batch chunks
     (_dw_program): the tile table's config, else the largest tile (TILES, at most `area`

@@ -74,16 +74,24 @@ def lookup(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.
     return _found[key]
 
 
+_generation = 0  # bumped whenever _table changes: plans made from the table are stale then
+
+
+def generation() -> int:
+    """A number that changes whenever the table the launchers read does."""
+    return _generation
+
+
 @contextlib.contextmanager
 def using(gpus: dict):
     """Within the block the launchers read `gpus` (the table's "gpus" part) instead: for the
     tuner, which times candidates through the real launchers."""
-    global _table
+    global _table, _generation
     previous = _table
-    _table = gpus
+    _table, _generation = gpus, _generation + 1
     _found.clear()
     try:
         yield
     finally:
-        _table = previous
+        _table, _generation = previous, _generation + 1
         _found.clear()
