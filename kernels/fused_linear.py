@@ -846,8 +846,10 @@ def _per_shape(plan):
     made = {}
 
     def cached(*args):
-        # (the driver object itself: a stand-in for another GPU is another driver)
-        key = (args, torch.get_float32_matmul_precision(), tiles.generation(), triton.runtime.driver.active)
+        # (the driver object itself: a stand-in for another GPU is another driver; the
+        # interpreter has none, and plans without one)
+        driver = None if launch.INTERPRET else triton.runtime.driver.active
+        key = (args, torch.get_float32_matmul_precision(), tiles.generation(), driver)
         found = made.get(key)
         if found is None:
             found = made[key] = plan(*args)
@@ -920,8 +922,10 @@ def new_activation(M: int, N: int, like: torch.Tensor, next_weight: Optional[tor
     block reads: rows padded to 16 elements and, when `next_weight` (that block's weight) is not
     aligned, room behind them for its aligned copy."""
     ld = _pad(N)
-    tail = next_weight.shape[0] * ld if next_weight is not None and not _aligned(next_weight) else 0
-    return like.new_empty(M * ld + tail)[:M * ld].view(M, ld)[:, :N]
+    if next_weight is None or _aligned(next_weight):  # (the common case in fewer tensor ops: host time)
+        z = like.new_empty(M, ld)
+        return z if ld == N else z[:, :N]
+    return like.new_empty(M * ld + next_weight.shape[0] * ld)[:M * ld].view(M, ld)[:, :N]
 
 
 def _weight_copy(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
