@@ -54,8 +54,9 @@ Padded rows and aligned weights: Triton loads 16 bytes at a time only from rows 
 knows is divisible by 16 elements, under masks constant over 16-element runs; most widths
 `mlp_by_budget` gives are not (252, 811, 1820). So the activations the kernels pass each other
 (z, g_y, g_z) have rows padded to 16 elements, written as zeros, and are read whole; a weight
-whose rows are not aligned is read through an aligned copy that the previous launch wrote
-(launchers: "padded rows and aligned weights").
+whose rows are not aligned is read through an aligned copy that the previous launch wrote, and
+in fp32 at "highest" every weight but the first is read through its TF32 split, written the
+same way (launchers: "padded rows and aligned weights"; _gemm_core's SPLIT_B).
 
 Tiles: the first of TILES, largest first, that gives every SM a CTA (narrow layers take narrow
 tiles); dW also splits the batch until it does. A table measured on a GPU comes first
@@ -258,6 +259,13 @@ def _wide(n):
     return n + tl.zeros((), dtype=tl.int64)
 
 
+@triton.jit
+def _tf32_high(v):
+    """v's TF32 part: fp32 v with its 13 low mantissa bits cleared, exact in TF32, and v minus it
+    exact in fp32 (3xTF32: _gemm_core's SPLIT_B)."""
+    return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
 # Row tiles per group of the grouped tile order (_grouped_tile).
 GROUP_M = tl.constexpr(8)
 
@@ -280,8 +288,9 @@ def _gemm_core(
     # activation site (A_ACT_*) or a BatchNorm backward (A_GRAD_*: u, v from a_uv)
     a_ptr, za_ptr, stride_am, stride_ak, stride_zam, stride_zak,
     a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
-    # B [K, N] and its activation site (features along N)
-    b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
+    # B [K, N] and its activation site (features along N); with SPLIT_B, B's TF32 high part,
+    # and at b_lo_ptr (same strides) its low part
+    b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope, b_lo_ptr,
     # where T_A(A) is stored (STORE_A: rows up to sa_rows, columns up to a_k_ld)
     sa_ptr, stride_sam, sa_rows,
     # tile coordinates, sizes, and the bounds loads are masked by (module docstring: padded rows)
@@ -290,10 +299,16 @@ def _gemm_core(
     A_MODE: tl.constexpr, A_BN: tl.constexpr, A_ACT: tl.constexpr, A_DROPOUT: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     B_MODE: tl.constexpr, B_BN: tl.constexpr, B_ACT: tl.constexpr, B_DROPOUT: tl.constexpr,
-    ROW_SUM: tl.constexpr, COL_SUM: tl.constexpr, STORE_A: tl.constexpr,
+    ROW_SUM: tl.constexpr, COL_SUM: tl.constexpr, STORE_A: tl.constexpr, SPLIT_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """acc = T_A(A)[offs_m, k_start:k_end] @ T_B(B)[k_start:k_end, offs_n] in fp32.
+
+    SPLIT_B (fp32, 3xTF32): B comes split in memory, its TF32 part and the remainder, and A
+    is split here, so acc += a_hi b_lo + a_lo b_hi + a_hi b_hi in plain TF32 dots (small terms
+    first). Both of B's parts are then loaded operands that the loop pipelines, where Triton's
+    own "tf32x3" splits B in registers and stores it to shared memory inside the loop, which
+    makes every iteration wait for its MMAs.
 
     In the A_*_K modes the features run along K and number k_end (k_start = 0); in the A_*_M
     modes (dW) they run along M and K is the batch. B_MODE is A_PLAIN or A_ACT_K (B's
@@ -316,6 +331,10 @@ def _gemm_core(
         n_center, n_scale, n_shift = _site_vectors(b_vec_ptr, N, offs_n, mask_n, B_BN, 1)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SPLIT_B's small terms, each in an accumulator of its own: dots chained on one accumulator
+    # make Triton wait for each (wgmma.wait_group 0), independent ones it keeps in flight
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_mid = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # At least one step, and the compiler told so: with a loop that may not run, ptxas finds the
@@ -362,7 +381,16 @@ def _gemm_core(
             b = tl.where(mask_k[:, None] & mask_n[None, :], b32, 0.0).to(b_ptr.dtype.element_ty)
         if COL_SUM:
             col_sum += tl.sum(b.to(tl.float32), axis=0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if SPLIT_B:
+            b_lo = tl.load(b_lo_ptr + b_offs, mask=b_mask, other=0.0)
+            a_hi = _tf32_high(a)
+            acc_lo = tl.dot(a_hi, b_lo, acc_lo, input_precision="tf32")
+            acc_mid = tl.dot(a - a_hi, b, acc_mid, input_precision="tf32")
+            acc = tl.dot(a_hi, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if SPLIT_B:
+        acc += acc_lo + acc_mid
     return acc, row_sum, col_sum
 
 
@@ -403,9 +431,11 @@ def _grad_epilogue(
 
 
 @triton.jit
-def _copy_padded(src_ptr, stride_r, stride_c, rows, cols, dst_ptr, ld, program, programs, BLOCK: tl.constexpr):
+def _copy_padded(src_ptr, stride_r, stride_c, rows, cols, dst_ptr, ld, program, programs, BLOCK: tl.constexpr,
+                 SPLIT: tl.constexpr):
     """This program's share of dst[r, c] = src[r, c] (c < cols), 0 (cols <= c < ld), for
-    rows x ld elements of dst, ld apart."""
+    rows x ld elements of dst, ld apart; with SPLIT, src's TF32 part there and the remainder
+    in a second such block right behind it."""
     total = _wide(rows) * ld
     share = tl.cdiv(tl.cdiv(total, programs), BLOCK) * BLOCK
     start = program * share
@@ -414,6 +444,10 @@ def _copy_padded(src_ptr, stride_r, stride_c, rows, cols, dst_ptr, ld, program, 
         r = idx // ld
         c = idx % ld
         v = tl.load(src_ptr + r * stride_r + c * stride_c, mask=(idx < total) & (c < cols), other=0.0)
+        if SPLIT:
+            high = _tf32_high(v)
+            tl.store(dst_ptr + total + idx, v - high, mask=idx < total)
+            v = high
         tl.store(dst_ptr + idx, v, mask=idx < total)
 
 
@@ -425,7 +459,8 @@ def _linear_fwd_kernel(
     in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
     # this block's BatchNorm: partials [3, row_tiles, N], vectors [6, N], parameters, running stats
     part_ptr, vec_ptr, gamma_ptr, beta_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ticket_ptr, eps, momentum,
-    # the next block's weight [nw_rows, N], copied behind z's rows with z's row stride (COPY_NEXT)
+    # the next block's weight [nw_rows, N], copied behind z's rows with z's row stride (COPY_NEXT
+    # copies: 2 for its TF32 split)
     nw_ptr, stride_nwn, stride_nwk, nw_rows,
     # sizes, and the bounds of x's and W's loads along K and of z's stores (padded rows)
     M, N, K, ld_xk, ld_wk, ld_zn,
@@ -434,10 +469,11 @@ def _linear_fwd_kernel(
     # meta-parameters
     IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, BN_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, COPY_NEXT: tl.constexpr,
+    RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, COPY_NEXT: tl.constexpr, SPLIT_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """z = act_in(x) @ W^T + b, and this block's BatchNorm vectors (see the module docstring)."""
+    """z = act_in(x) @ W^T + b, and this block's BatchNorm vectors (see the module docstring).
+    SPLIT_W: W is a split copy, its low part right behind it (_gemm_core's SPLIT_B)."""
     row_tiles = tl.cdiv(M, BLOCK_M)
     col_tiles = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), row_tiles, col_tiles)
@@ -446,11 +482,11 @@ def _linear_fwd_kernel(
     acc, _, _ = _gemm_core(
         x_ptr, x_ptr, stride_xm, stride_xk, stride_xm, stride_xk,
         in_vec_ptr, None, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
-        w_ptr, stride_wk, stride_wn, None, None, 0.0, 0.0, 0.0,
+        w_ptr, stride_wk, stride_wn, None, None, 0.0, 0.0, 0.0, w_ptr + _wide(N) * stride_wn,
         None, 0, 0,
         offs_m, offs_n, M, N, 0, K, M, ld_xk, ld_wk, N,
         IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False,
-        A_PLAIN, False, ACT_NONE, False, False, False, False,
+        A_PLAIN, False, ACT_NONE, False, False, False, False, SPLIT_W,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     mask_m = offs_m < M
@@ -463,7 +499,7 @@ def _linear_fwd_kernel(
              mask=mask_m[:, None] & (offs_n < ld_zn)[None, :])
     if COPY_NEXT:
         _copy_padded(nw_ptr, stride_nwn, stride_nwk, nw_rows, N, z_ptr + _wide(M) * stride_zm, stride_zm,
-                     tl.program_id(0), row_tiles * col_tiles, 1024)
+                     tl.program_id(0), row_tiles * col_tiles, 1024, COPY_NEXT == 2)
     if BN_MODE == BN_FIXED:
         if pid_m == 0:
             _fixed_vectors(vec_ptr, run_mean_ptr, run_var_ptr, gamma_ptr, beta_ptr, eps, N, offs_n, mask_n,
@@ -485,21 +521,23 @@ def _dx_program(
     in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, g_part_ptr, ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
     IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr, STORE_GZ: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dX tile `pid` (grouped order over [M, K]): g_y_{l-1} = act_in'(g_z @ W), its partials and
     the previous block's BatchNorm gradients (module docstring); with STORE_GZ the first
-    column tile's programs also store the g_z they build, for the next launch's dW."""
+    column tile's programs also store the g_z they build, for the next launch's dW. SPLIT_W as
+    the forward's."""
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _, _ = _gemm_core(
         g_y_ptr, z_ptr, stride_gm, stride_gn, stride_zm, 1, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
-        w_ptr, stride_wn, stride_wk, None, None, 0.0, 0.0, 0.0,
+        w_ptr, stride_wn, stride_wk, None, None, 0.0, 0.0, 0.0, w_ptr + _wide(N) * stride_wn,
         gz_ptr, stride_gzm, tl.where(pid_n == 0, M, 0),
         offs_m, offs_n, M, K, 0, N, M, ld_n, N, ld_wk,
         A_GRAD_K if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
-        A_PLAIN, False, ACT_NONE, False, False, False, STORE_GZ,
+        A_PLAIN, False, ACT_NONE, False, False, False, STORE_GZ, SPLIT_W,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     _grad_epilogue(
@@ -540,11 +578,11 @@ def _dw_program(
     k_end = tl.minimum(k_start + ROWS_PER_SPLIT, M)
     acc, row_sum, col_sum = _gemm_core(
         a_ptr, za_ptr, 1, stride_ak, 1, stride_zak, a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
-        b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
+        b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope, None,
         None, 0, 0,
         offs_m, offs_n, DM, DN, k_start, k_end, a_m_ld, k_end, k_end, b_n_ld,
         A_MODE, A_BN, A_ACT, A_DROPOUT, BATCH_STATS,
-        B_MODE, B_BN, B_ACT, B_DROPOUT, HAS_BIAS and not TRANSPOSED, HAS_BIAS and TRANSPOSED, False,
+        B_MODE, B_BN, B_ACT, B_DROPOUT, HAS_BIAS and not TRANSPOSED, HAS_BIAS and TRANSPOSED, False, False,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     mask = (offs_m < DM)[:, None] & (offs_n < DN)[None, :]
@@ -635,14 +673,14 @@ def _linear_bwd_kernel(
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
     IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
     HAS_DX: tl.constexpr, IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
-    DW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_W: tl.constexpr, DW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     NEXT: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, NX_HAS_BIAS: tl.constexpr, NX_SPLIT: tl.constexpr,
     DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
     NX_BLOCK_M: tl.constexpr, NX_BLOCK_N: tl.constexpr, NX_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One block's backward: the dX programs, this block's dW programs and the next block's
-    (module docstring)."""
+    (module docstring). SPLIT_W: W is a split copy (the forward's SPLIT_W)."""
     pid = tl.program_id(0)
     if pid < DX_PROGRAMS:
         if HAS_DX:  # (not compiled when the launch has no dX programs: fewer registers)
@@ -654,7 +692,7 @@ def _linear_bwd_kernel(
                 in_dbeta_ptr, in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, scratch_ptr + dw_part + nx_part,
                 ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
                 HAS_BN, BATCH_STATS, IN_ACT, IN_DROPOUT, IN_BN_MODE, IN_HAS_GAMMA, IN_HAS_BETA,
-                DW_MODE == DW_DEFERRED, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, PRECISION,
+                DW_MODE == DW_DEFERRED, SPLIT_W, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, PRECISION,
             )
     elif pid < DX_PROGRAMS + DW_PROGRAMS:
         tickets = ticket_ptr + tl.cdiv(K, DX_BLOCK_N)
@@ -866,17 +904,24 @@ def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.
     config = table_config(gemm, M, N, K, dtype, device)
     if config is not None:
         return tuple(config)
-    fits = _fitting(M, N, _largest(dtype))
+    accumulators = _accumulators(dtype)
+    # three accumulators (3xTF32) in 128 x 64 tiles spill the dX programs
+    fits = _fitting(M, N, _largest(dtype) if accumulators == 1 else 64 * 64)
     sms = num_sms()
     block_m, block_n = next((t for t in fits if launch.cdiv(M, t[0]) * launch.cdiv(N, t[1]) >= sms), fits[-1])
     block_k = 32 if dtype == torch.float32 else 64
-    return block_m, block_n, block_k, _warps(block_m * block_n), 3
+    return block_m, block_n, block_k, _warps(block_m * block_n * accumulators), 3
 
 
 def _fitting(M: int, N: int, area: int) -> list:
     """TILES no larger than `area` elements nor than M x N's powers of two (but 64 x 16)."""
     rows, cols = max(64, launch.next_power_of_2(M)), max(16, launch.next_power_of_2(N))
     return [(bm, bn) for bm, bn in TILES if bm <= rows and bn <= cols and bm * bn <= area] or [TILES[-1]]
+
+
+def _accumulators(dtype: torch.dtype) -> int:
+    """Accumulator tiles of a forward or dX program: three for 3xTF32 (_gemm_core's SPLIT_B)."""
+    return 3 if _precision(dtype) == "tf32x3" else 1
 
 
 def _warps(area: int) -> int:
@@ -904,6 +949,12 @@ def _warps(area: int) -> int:
 # and its backward's dX read it there (`chained=True`). Chains' first blocks read their weight
 # as it is (their input is the user's, unpadded, anyway). A z without the room (a copy of one
 # that torch.compile made, say) just reads the weight as it is.
+#
+# fp32 at "highest" (3xTF32) takes two copies of every such weight, aligned or not: its TF32
+# part and the remainder, which _gemm_core's SPLIT_B loads as two operands that the main loop
+# pipelines (Triton's own "tf32x3" splits B inside the loop and waits for every MMA). The
+# copies a z carries are what its room says (_weight_copy), so the backward reads what the
+# forward wrote even if the matmul precision changed in between.
 
 ALIGN = 16
 
@@ -917,27 +968,48 @@ def _aligned(weight) -> bool:
     return weight.stride(1) == 1 and weight.stride(0) % ALIGN == 0
 
 
+@torch.compiler.assume_constant_result
+def _fp32_split() -> bool:
+    """Whether fp32 GEMMs run 3xTF32 (matmul precision "highest"): a constant to torch.compile,
+    which cannot trace the query. (Harmless if it changes later: the kernels read the copies a z
+    has room for, _weight_copy, and the forward writes them.)"""
+    return torch.get_float32_matmul_precision() == "highest"
+
+
+def _copies(like: torch.Tensor, weight: torch.Tensor) -> int:
+    """How many aligned copies of `weight` a z in `like`'s dtype carries for the block that
+    reads it: two, the weight's TF32 split, where fp32 runs 3xTF32 (_gemm_core's SPLIT_B); else
+    one where the weight's rows are not aligned; else none."""
+    if like.dtype == torch.float32 and _fp32_split():
+        return 2
+    return 0 if _aligned(weight) else 1
+
+
 def new_activation(M: int, N: int, like: torch.Tensor, next_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """An uninitialised z [M, N] (like's dtype and device) for a block whose output another
-    block reads: rows padded to 16 elements and, when `next_weight` (that block's weight) is not
-    aligned, room behind them for its aligned copy."""
+    block reads: rows padded to 16 elements, and behind them room for the copies of
+    `next_weight` (that block's weight) that _copies asks for."""
     ld = _pad(N)
-    if next_weight is None or _aligned(next_weight):  # (the common case in fewer tensor ops: host time)
+    copies = _copies(like, next_weight) if next_weight is not None else 0
+    if not copies:  # (the common case in fewer tensor ops: host time)
         z = like.new_empty(M, ld)
         return z if ld == N else z[:, :N]
-    return like.new_empty(M * ld + next_weight.shape[0] * ld)[:M * ld].view(M, ld)[:, :N]
+    return like.new_empty(M * ld + copies * next_weight.shape[0] * ld)[:M * ld].view(M, ld)[:, :N]
 
 
-def _weight_copy(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """The aligned copy of `weight` behind the rows of x (a z from new_activation), or None when
-    the weight is aligned or x has no room for it."""
-    if _aligned(weight):
-        return None
+def _weight_copy(x: torch.Tensor, weight: torch.Tensor):
+    """(copy, split): the aligned copy of `weight` behind the rows of x (a z from
+    new_activation), and whether it is the TF32 split (the low part right behind it), as the
+    room x has says (so what a forward wrote is what its backward reads, whatever the matmul
+    precision is by then); (None, False) where x has no room."""
     ld = _pad(weight.shape[1])
-    start = x.storage_offset() + x.shape[0] * ld
-    if x.stride() != (ld, 1) or (start + weight.shape[0] * ld) * x.element_size() > x.untyped_storage().nbytes():
-        return None
-    return x.as_strided(weight.shape[:1] + (ld,), (ld, 1), start)
+    if x.stride() != (ld, 1):
+        return None, False
+    room = x.untyped_storage().nbytes() // x.element_size() - (x.storage_offset() + x.shape[0] * ld)
+    copies = min(2, room // (weight.shape[0] * ld))
+    if copies < 1:
+        return None, False
+    return x.as_strided(weight.shape[:1] + (ld,), (ld, 1), x.storage_offset() + x.shape[0] * ld), copies == 2
 
 
 def _ld(t: torch.Tensor, n: int) -> int:
@@ -969,10 +1041,10 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
         z = new_activation(M, N, x, next_weight)
     else:
         z = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    w = _weight_copy(x, weight) if chained else None
+    w, split_w = _weight_copy(x, weight) if chained else (None, False)
     w_ld = K if w is None else w.stride(0)
     w = weight if w is None else w
-    copy = _weight_copy(z, next_weight) if next_weight is not None else None
+    copy, split_next = _weight_copy(z, next_weight) if next_weight is not None else (None, False)
     block_m, block_n, block_k, num_warps, num_stages = _tiles("fwd", M, N, K, x.dtype, x.device)
     row_tiles, col_tiles = launch.cdiv(M, block_m), launch.cdiv(N, block_n)
     grid = (row_tiles * col_tiles, 1, 1)  # in grouped tile order (_grouped_tile)
@@ -992,7 +1064,7 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
          x.stride(0), x.stride(1), w.stride(0), w.stride(1), z.stride(0)),
         (A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
          bias is not None, mode, norm.gamma is not None, norm.beta is not None, running, norm.momentum is None,
-         copy is not None, block_m, block_n, block_k, _precision(x.dtype)),
+         0 if copy is None else 2 if split_next else 1, split_w, block_m, block_n, block_k, _precision(x.dtype)),
         num_warps, num_stages,
     )
     return z, ((part[:3 * row_tiles * N].view(3, row_tiles, N), block_m) if mode == PARTIALS else None)
@@ -1082,7 +1154,7 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     B, N = g_y.shape
     K = weight.shape[1]
     dev = g_y.device
-    w = _weight_copy(x, weight) if chained else None
+    w, split_w = _weight_copy(x, weight) if chained else (None, False)
     w_ld = K if w is None else w.stride(0)
     w = weight if w is None else w
     if deferred is not None:
@@ -1148,7 +1220,7 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
          dx_programs, own.programs, own.rows_per_split, nxt.rows_per_split),
         (norm.mode != NO_BN, norm.mode in (BATCH, PARTIALS),
          A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
-         input_grad, in_bn, dgamma is not None, dbeta is not None,
+         input_grad, in_bn, dgamma is not None, dbeta is not None, split_w and input_grad,
          dw_mode, has_bias, own.split,
          deferred is not None, int(site.act), site.drop_p > 0, deferred is not None and deferred.db is not None,
          nxt.split,

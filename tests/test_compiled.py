@@ -102,9 +102,12 @@ EXPECT = [
     ("whole", ("fp32",), "", tensor_cores, False),
     ("aligned", None, "linear_", full_wave, False),
     ("unaligned", None, "linear_", full_wave, False),
-    # 3xTF32 splits B into two TF32 halves in registers and stores them to shared memory inside
-    # the loop, so Triton waits for each MMA: would need the split precomputed in memory
+    # 3xTF32 where B is not a weight split in memory (the first block's forward, dW): Triton's
+    # "tf32x3" splits B in registers and stores it to shared memory inside the loop, so it waits
+    # for each MMA. The other forwards and every dX read the weight's split (_gemm_core's
+    # SPLIT_B) and overlap: the next entry.
     ("aligned", ("fp32",), "linear_", overlapped, True),
+    ("aligned", ("fp32",), "linear_dx", overlapped, False),
 ]
 
 
