@@ -260,10 +260,13 @@ def _wide(n):
 
 
 @triton.jit
-def _tf32_high(v):
-    """v's TF32 part: fp32 v with its 13 low mantissa bits cleared, exact in TF32, and v minus it
-    exact in fp32 (3xTF32: _gemm_core's SPLIT_B)."""
-    return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+def _tf32_split(v):
+    """(high, low) with v = high + low: high is fp32 v with its 13 low mantissa bits cleared,
+    exact in TF32, and low = v - high exact in fp32 (3xTF32: _gemm_core's SPLIT_B). An infinity
+    is all high (inf - inf would be NaN, and eager's inf * w is inf); NaN stays NaN."""
+    high = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    high = tl.where(v == v, high, v)  # (a NaN whose payload is in the low bits would turn inf)
+    return high, tl.where(high == v, 0.0, v - high)
 
 
 # Row tiles per group of the grouped tile order (_grouped_tile).
@@ -383,9 +386,9 @@ def _gemm_core(
             col_sum += tl.sum(b.to(tl.float32), axis=0)
         if SPLIT_B:
             b_lo = tl.load(b_lo_ptr + b_offs, mask=b_mask, other=0.0)
-            a_hi = _tf32_high(a)
+            a_hi, a_lo = _tf32_split(a)
             acc_lo = tl.dot(a_hi, b_lo, acc_lo, input_precision="tf32")
-            acc_mid = tl.dot(a - a_hi, b, acc_mid, input_precision="tf32")
+            acc_mid = tl.dot(a_lo, b, acc_mid, input_precision="tf32")
             acc = tl.dot(a_hi, b, acc, input_precision="tf32")
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -445,9 +448,8 @@ def _copy_padded(src_ptr, stride_r, stride_c, rows, cols, dst_ptr, ld, program, 
         c = idx % ld
         v = tl.load(src_ptr + r * stride_r + c * stride_c, mask=(idx < total) & (c < cols), other=0.0)
         if SPLIT:
-            high = _tf32_high(v)
-            tl.store(dst_ptr + total + idx, v - high, mask=idx < total)
-            v = high
+            v, low = _tf32_split(v)
+            tl.store(dst_ptr + total + idx, low, mask=idx < total)
         tl.store(dst_ptr + idx, v, mask=idx < total)
 
 
