@@ -978,11 +978,13 @@ def _fp32_split() -> bool:
     return torch.get_float32_matmul_precision() == "highest"
 
 
-def _copies(like: torch.Tensor, weight: torch.Tensor) -> int:
-    """How many aligned copies of `weight` a z in `like`'s dtype carries for the block that
-    reads it: two, the weight's TF32 split, where fp32 runs 3xTF32 (_gemm_core's SPLIT_B); else
-    one where the weight's rows are not aligned; else none."""
-    if like.dtype == torch.float32 and _fp32_split():
+def _copies(rows: int, like: torch.Tensor, weight: torch.Tensor) -> int:
+    """How many aligned copies of `weight` a z of `rows` rows in `like`'s dtype carries for the
+    block that reads it: two, the weight's TF32 split, where fp32 runs 3xTF32 (_gemm_core's
+    SPLIT_B) and they take no more memory than z itself (a z is kept for the backward: wide
+    layers at small batches would otherwise hold several times their activations); else one
+    where the weight's rows are not aligned; else none."""
+    if like.dtype == torch.float32 and 2 * weight.shape[0] <= rows and _fp32_split():
         return 2
     return 0 if _aligned(weight) else 1
 
@@ -992,7 +994,7 @@ def new_activation(M: int, N: int, like: torch.Tensor, next_weight: Optional[tor
     block reads: rows padded to 16 elements, and behind them room for the copies of
     `next_weight` (that block's weight) that _copies asks for."""
     ld = _pad(N)
-    copies = _copies(like, next_weight) if next_weight is not None else 0
+    copies = _copies(M, like, next_weight) if next_weight is not None else 0
     if not copies:  # (the common case in fewer tensor ops: host time)
         z = like.new_empty(M, ld)
         return z if ld == N else z[:, :N]
