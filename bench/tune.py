@@ -83,7 +83,7 @@ def candidates(gemm: str, batch: int, n: int, k: int, dtype: torch.dtype, device
     for j in (i - 1, i + 1):
         if 0 <= j < len(F.TILES):
             bm, bn = F.TILES[j]
-            accumulators = F._accumulators(dtype) if gemm != "dw" else 1
+            accumulators = F._accumulators(gemm, *_sizes(gemm, batch, n, k), dtype) if gemm != "dw" else 1
             out.append([bm, bn, first[2], F._warps(bm * bn * accumulators)] + first[4:])
     if gemm != "dw" and i == 0 and dtype != torch.float32 and _sizes(gemm, batch, n, k)[1] >= 256:
         out.append([128, 256, first[2], 8] + first[4:])

@@ -906,7 +906,7 @@ def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.
     config = table_config(gemm, M, N, K, dtype, device)
     if config is not None:
         return tuple(config)
-    accumulators = _accumulators(dtype)
+    accumulators = _accumulators(gemm, M, N, K, dtype)
     # three accumulators (3xTF32) in 128 x 64 tiles spill the dX programs
     fits = _fitting(M, N, _largest(dtype) if accumulators == 1 else 64 * 64)
     sms = num_sms()
@@ -921,9 +921,11 @@ def _fitting(M: int, N: int, area: int) -> list:
     return [(bm, bn) for bm, bn in TILES if bm <= rows and bn <= cols and bm * bn <= area] or [TILES[-1]]
 
 
-def _accumulators(dtype: torch.dtype) -> int:
-    """Accumulator tiles of a forward or dX program: three for 3xTF32 (_gemm_core's SPLIT_B)."""
-    return 3 if _precision(dtype) == "tf32x3" else 1
+def _accumulators(gemm: str, M: int, N: int, K: int, dtype: torch.dtype) -> int:
+    """Accumulator tiles of a forward or dX program (sizes as _tiles takes them): three where
+    it reads its weight's TF32 split (_gemm_core's SPLIT_B; _copies says where)."""
+    weight_rows = N if gemm == "fwd" else K
+    return 3 if _precision(dtype) == "tf32x3" and 2 * weight_rows <= M else 1
 
 
 def _warps(area: int) -> int:
