@@ -56,7 +56,7 @@ knows is divisible by 16 elements, under masks constant over 16-element runs; mo
 (z, g_y, g_z) have rows padded to 16 elements, written as zeros, and are read whole; a weight
 whose rows are not aligned is read through an aligned copy that the previous launch wrote, and
 in fp32 at "highest" every weight but the first is read through its TF32 split, written the
-same way (launchers: "padded rows and aligned weights"; _gemm_core's SPLIT_B).
+same way where it fits (launchers: "padded rows and aligned weights"; _gemm_core's SPLIT_B).
 
 Tiles: the first of TILES, largest first, that gives every SM a CTA (narrow layers take narrow
 tiles); dW also splits the batch until it does. A table measured on a GPU comes first
@@ -954,11 +954,12 @@ def _warps(area: int) -> int:
 # as it is (their input is the user's, unpadded, anyway). A z without the room (a copy of one
 # that torch.compile made, say) just reads the weight as it is.
 #
-# fp32 at "highest" (3xTF32) takes two copies of every such weight, aligned or not: its TF32
-# part and the remainder, which _gemm_core's SPLIT_B loads as two operands that the main loop
-# pipelines (Triton's own "tf32x3" splits B inside the loop and waits for every MMA). The
-# copies a z carries are what its room says (_weight_copy), so the backward reads what the
-# forward wrote even if the matmul precision changed in between.
+# fp32 at "highest" (3xTF32) takes two copies of every such weight, aligned or not, where they
+# take no more memory than the z (_copies): its TF32 part and the remainder, which _gemm_core's
+# SPLIT_B loads as two operands that the main loop pipelines (Triton's own "tf32x3" splits B
+# inside the loop and waits for every MMA). The copies a z carries are what its room says
+# (_weight_copy), so the backward reads what the forward wrote even if the matmul precision
+# changed in between.
 
 ALIGN = 16
 
