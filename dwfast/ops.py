@@ -138,10 +138,9 @@ def chain_body(
 
     `ints`, `floats`: the blocks' `Spec`s, packed. `weights`: the blocks', then the next block's
     when there is one (whose aligned copy goes behind the last z, kernels.new_activation).
-    `biases` of the blocks with `has_bias`,
-    `gammas`/`betas` of those with `has_gamma`/`has_beta`; `running_means`/`running_vars` of
-    the FIXED and the tracked blocks, `num_batches` of the tracked ones. Dropout masks are keyed
-    on `seeds` (int64, one per block with dropout).
+    `biases` of the blocks with `has_bias`, `gammas`/`betas` of those with `has_gamma`/`has_beta`;
+    `running_means`/`running_vars` of the FIXED and the tracked blocks, `num_batches` of the
+    tracked ones. Dropout masks are keyed on `seeds` (int64, one per block with dropout).
     """
     specs = unpack(ints, floats)
     running = (running_means, running_vars, [s.bn_mode == FIXED or s.tracked for s in specs])

@@ -924,8 +924,13 @@ def _fitting(M: int, N: int, area: int) -> list:
 def _accumulators(gemm: str, M: int, N: int, K: int, dtype: torch.dtype) -> int:
     """Accumulator tiles of a forward or dX program (sizes as _tiles takes them): three where
     it reads its weight's TF32 split (_gemm_core's SPLIT_B; _copies says where)."""
-    weight_rows = N if gemm == "fwd" else K
-    return 3 if _precision(dtype) == "tf32x3" and 2 * weight_rows <= M else 1
+    return 3 if _precision(dtype) == "tf32x3" and _split_fits(M, N if gemm == "fwd" else K) else 1
+
+
+def _split_fits(rows: int, weight_rows: int) -> bool:
+    """Whether a weight's two TF32 copies take no more memory than the z of `rows` rows that
+    carries them (_copies)."""
+    return 2 * weight_rows <= rows
 
 
 def _warps(area: int) -> int:
@@ -987,7 +992,7 @@ def _copies(rows: int, like: torch.Tensor, weight: torch.Tensor) -> int:
     SPLIT_B) and they take no more memory than z itself (a z is kept for the backward: wide
     layers at small batches would otherwise hold several times their activations); else one
     where the weight's rows are not aligned; else none."""
-    if like.dtype == torch.float32 and 2 * weight.shape[0] <= rows and _fp32_split():
+    if like.dtype == torch.float32 and _split_fits(rows, weight.shape[0]) and _fp32_split():
         return 2
     return 0 if _aligned(weight) else 1
 
@@ -1179,9 +1184,8 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     # two dW roles' spills with 128 x 128 ones), and chunks of the batch fill the SMs anyway. Two
     # dW roles may take 8 warps (below), and then 32 columns: 16 would leave 8-byte loads.
     area, narrowest = 128 * 64, 32 if deferred is not None and dw_mode != DEFERRED else 16
-    own = _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype, dev, area, narrowest)
-    if dw_mode == DEFERRED:
-        own = NO_DW
+    own = NO_DW if dw_mode == DEFERRED else _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype,
+                                                     dev, area, narrowest)
     nn = deferred.dw.shape[0] if deferred is not None else 0
     nxt = _dw_plan(B, N, nn, g_y.dtype, dev, area, narrowest) if deferred is not None else NO_DW
     # The roles share the launch's warps and stages: the most warps any asks for (8 for two dW

@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 import triton
 
+from .launch import next_power_of_2
+
 PATH = Path(os.environ.get("DWFAST_TILES") or Path(__file__).with_name("tiles.json"))
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -36,7 +38,6 @@ def _load(path: Path) -> dict:
 
 _table = _load(PATH)
 _names = {}
-_found = {}  # lookups answered from _table, for little host time per launch
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -48,7 +49,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def shape_class(M: int, N: int, K: int) -> str:
     """"MxNxK" with each size's power-of-two ceiling (at least 16)."""
-    return "x".join(str(max(16, 1 << (n - 1).bit_length())) for n in (M, N, K))
+    return "x".join(str(max(16, next_power_of_2(n))) for n in (M, N, K))
 
 
 def gpu_name(device: torch.device) -> Optional[str]:
@@ -63,15 +64,13 @@ def gpu_name(device: torch.device) -> Optional[str]:
 
 
 def lookup(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Optional[list]:
-    """The table's config for a `gemm` ("fwd", "dx", "dw") of these sizes, or None."""
+    """The table's config for a `gemm` ("fwd", "dx", "dw") of these sizes, or None. (The
+    launchers keep what they plan from it per shape and `generation`: fused_linear._per_shape.)"""
     if not _table:
         return None
-    key = (gemm, M, N, K, dtype, device, torch.get_float32_matmul_precision())
-    if key not in _found:
-        name = gpu_name(device)
-        gpu = _table.get(name, {}) if name else {}
-        _found[key] = gpu.get(dtype_name(dtype), {}).get(f"{gemm} {shape_class(M, N, K)}")
-    return _found[key]
+    name = gpu_name(device)
+    gpu = _table.get(name, {}) if name else {}
+    return gpu.get(dtype_name(dtype), {}).get(f"{gemm} {shape_class(M, N, K)}")
 
 
 _generation = 0  # bumped whenever _table changes: plans made from the table are stale then
@@ -89,9 +88,7 @@ def using(gpus: dict):
     global _table, _generation
     previous = _table
     _table, _generation = gpus, _generation + 1
-    _found.clear()
     try:
         yield
     finally:
         _table, _generation = previous, _generation + 1
-        _found.clear()
