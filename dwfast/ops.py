@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import distributed as D
 from . import kernels as K
+from . import library
 from . import reference as R
 from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, updates_running_stats, uses_batch_stats
 
@@ -123,8 +124,7 @@ def new_saved(x, weights, specs) -> List[Tensor]:
     return saved
 
 
-@torch.library.custom_op("dwfast::chain_body",
-                         mutates_args=("zs", "vecs", "running_means", "running_vars", "num_batches"))
+@library.custom_op("chain_body", mutates_args=("zs", "vecs", "running_means", "running_vars", "num_batches"))
 def chain_body(
     x: Tensor, zs: List[Tensor], vecs: List[Tensor], weights: List[Tensor], biases: List[Tensor],
     gammas: List[Tensor], betas: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
@@ -149,12 +149,15 @@ def chain_body(
     _run(x, x, K.NO_SITE, weights, _expand(biases, [s.has_bias for s in specs]), norms, sites, specs, 0, zs)
 
 
-@chain_body.register_fake
-def _(x, zs, vecs, weights, biases, gammas, betas, running_means, running_vars, num_batches, seeds, ints, floats):
+def _chain_body_fake(x, zs, vecs, weights, biases, gammas, betas, running_means, running_vars, num_batches, seeds,
+                     ints, floats):
     return None
 
 
-@torch.library.custom_op("dwfast::chain_forward", mutates_args=())
+library.register_fake(chain_body, _chain_body_fake)
+
+
+@library.custom_op("chain_forward")
 def chain_forward(
     x: Tensor, body: List[Tensor], weights: List[Tensor], biases: List[Tensor], gammas: List[Tensor],
     betas: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor], seeds: Tensor, ints: List[int],
@@ -184,14 +187,16 @@ def chain_forward(
     return [K.act_fwd(z_last, sites[-1])] + saved
 
 
-@chain_forward.register_fake
-def _(x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, ints, floats):
+def _chain_forward_fake(x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, ints, floats):
     specs = unpack(ints, floats)
     start = len(body) // _PER_BLOCK
     saved = new_saved(x, weights[start:], specs[start:])
     if specs[-1].bn_mode == NO_BN and not specs[-1].act and not specs[-1].drop_p:
         saved[-_PER_BLOCK] = x.new_empty(0)
     return [x.new_empty(x.shape[0], weights[-1].shape[0])] + saved
+
+
+library.register_fake(chain_forward, _chain_forward_fake)
 
 
 def _merge_partials(partials, M: int):
@@ -237,7 +242,7 @@ def _synced_grads(partials, M: int, norm: K.Norm, sync: int):
     return dgamma, dbeta
 
 
-@torch.library.custom_op("dwfast::chain_backward", mutates_args=())
+@library.custom_op("chain_backward")
 def chain_backward(
     grad_out: Tensor, x: Tensor, weights: List[Tensor], saved: List[Tensor], gammas: List[Tensor],
     betas: List[Tensor], seeds: Tensor, ints: List[int], floats: List[float], input_grad: bool,
@@ -251,12 +256,12 @@ def chain_backward(
     norms = _norms(x, specs, weights, gammas, betas, vecs=saved[1::_PER_BLOCK])
     norms = [n if n.mode == NO_BN else n._replace(uv=K.new_uv(n.vec.shape[1], x.device)) for n in norms]
     sites = _sites(specs, norms, seeds)
-    grads = [x.new_empty(0) for _ in range(1 + 4 * L)]
+    grads = [None] * (1 + 4 * L)  # (empty tensors where None is left)
 
     def bn_grads(i, dgamma, dbeta, partials):
         if partials is not None:
             dgamma, dbeta = _synced_grads(partials, M, norms[i], specs[i].sync)
-        grads[3 + 4 * i: 5 + 4 * i] = [t if t is not None else x.new_empty(0) for t in (dgamma, dbeta)]
+        grads[3 + 4 * i: 5 + 4 * i] = [dgamma, dbeta]
 
     g_y = grad_out.contiguous()
     if not sites[-1].identity:
@@ -268,16 +273,15 @@ def chain_backward(
         g_y, dw, db, dgamma, dbeta, partials, later = K.linear_bwd(
             g_y, zs[i] if zs[i].numel() else g_y, weights[i], norms[i], h, site_in, norm_in,
             input_grad=i > 0 or input_grad, has_bias=specs[i].has_bias, chained=i > 0, deferred=later, defer=i > 0)
-        grads[1 + 4 * i: 3 + 4 * i] = [dw, db if db is not None else x.new_empty(0)]
+        grads[1 + 4 * i: 3 + 4 * i] = [dw, db]
         if i > 0:
             bn_grads(i - 1, dgamma, dbeta, partials)
     if input_grad:
         grads[0] = g_y
-    return grads
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
-@chain_backward.register_fake
-def _(grad_out, x, weights, saved, gammas, betas, seeds, ints, floats, input_grad):
+def _chain_backward_fake(grad_out, x, weights, saved, gammas, betas, seeds, ints, floats, input_grad):
     specs = unpack(ints, floats)
     grads = [x.new_empty(x.shape) if input_grad else x.new_empty(0)]
     gammas, betas = _expand(gammas, [s.has_gamma for s in specs]), _expand(betas, [s.has_beta for s in specs])
@@ -285,6 +289,9 @@ def _(grad_out, x, weights, saved, gammas, betas, seeds, ints, floats, input_gra
         grads += [x.new_empty(w.shape), x.new_empty(w.shape[0]) if s.has_bias else x.new_empty(0)]
         grads += [t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (gamma, beta)]
     return grads
+
+
+library.register_fake(chain_backward, _chain_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -339,7 +346,7 @@ def _reference_backward(specs, grad, x, seeds, weights, biases, gammas, betas, r
     return R.vjp(forward, [x, weights, biases, gammas, betas], grad)
 
 
-chain_forward.register_autograd(_backward, setup_context=_setup_context)
+library.register_autograd(chain_forward, _backward, setup_context=_setup_context)
 
 
 def draw_seed(device) -> Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import library
 from . import reference as R
 from .chain import Block, uses_batch_stats
 from .kernels.fused_mlp import mlp_bwd, mlp_fwd
@@ -62,7 +63,7 @@ def qualifies(x: Tensor, blocks: List[Block]) -> Optional[str]:
     return "infer"
 
 
-@torch.library.custom_op("dwfast::mlp_infer", mutates_args=())
+@library.custom_op("mlp_infer")
 def mlp_infer(
     x: Tensor, w_in: Tensor, w_hid: Tensor, w_out: Tensor, b_hid: Tensor, b_out: Tensor,
     bn_hid: Optional[Tensor], bn_out: Optional[Tensor], hid_relu: bool, out_relu: bool,
@@ -71,12 +72,14 @@ def mlp_infer(
     return mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid, bn_out, hid_relu=hid_relu, out_relu=out_relu)[0]
 
 
-@mlp_infer.register_fake
-def _(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid, bn_out, hid_relu, out_relu):
+def _mlp_infer_fake(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid, bn_out, hid_relu, out_relu):
     return x.new_empty(x.shape[0], w_out.shape[0])
 
 
-@torch.library.custom_op("dwfast::mlp_train", mutates_args=())
+library.register_fake(mlp_infer, _mlp_infer_fake)
+
+
+@library.custom_op("mlp_train")
 def mlp_train(
     x: Tensor, w_in: Tensor, w_hid: Tensor, w_out: Tensor, b_hid: Tensor, b_out: Tensor,
     hid_relu: bool, out_relu: bool,
@@ -85,12 +88,14 @@ def mlp_train(
     return mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu=hid_relu, out_relu=out_relu, store_z=True)
 
 
-@mlp_train.register_fake
-def _(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu, out_relu):
+def _mlp_train_fake(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu, out_relu):
     return x.new_empty(x.shape[0], w_out.shape[0]), x.new_empty(w_hid.shape[0] + 1, x.shape[0], w_in.shape[0])
 
 
-@torch.library.custom_op("dwfast::mlp_backward", mutates_args=())
+library.register_fake(mlp_train, _mlp_train_fake)
+
+
+@library.custom_op("mlp_backward")
 def mlp_backward(
     grad_out: Tensor, x: Tensor, z: Tensor, out: Tensor, w_in: Tensor, w_hid: Tensor, w_out: Tensor,
     hid_relu: bool, out_relu: bool, input_grad: bool,
@@ -101,12 +106,14 @@ def mlp_backward(
     return [grad_x if input_grad else x.new_empty(0)] + grads
 
 
-@mlp_backward.register_fake
-def _(grad_out, x, z, out, w_in, w_hid, w_out, hid_relu, out_relu, input_grad):
+def _mlp_backward_fake(grad_out, x, z, out, w_in, w_hid, w_out, hid_relu, out_relu, input_grad):
     grad_x = x.new_empty(x.shape) if input_grad else x.new_empty(0)
     H = w_in.shape[0]
     return [grad_x, w_in.new_empty(w_in.shape), w_hid.new_empty(w_hid.shape), w_out.new_empty(w_out.shape),
             x.new_empty(z.shape[0], H), x.new_empty(w_out.shape[0])]
+
+
+library.register_fake(mlp_backward, _mlp_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -126,7 +133,7 @@ def _backward(ctx, grad_out, _grad_z):
     return (grad_x if input_grad else None, *grads, None, None)
 
 
-mlp_train.register_autograd(_backward, setup_context=_setup_context)
+library.register_autograd(mlp_train, _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- packing
