@@ -16,11 +16,15 @@ and the optimizer aside (they cost every implementation the same). Two counts pe
 Host time: dwfast's step under the stand-in, where a launch costs its Python and Triton work up
 to the driver call (a real launch adds the driver's own few microseconds), as the CPU time of
 the thread (median of steps), which other load on the machine disturbs less than wall time.
-These are counts and host times, not GPU timings.
+Beside it, eager's step run for real on the CPU at 2 rows: its ops' dispatch and a little
+arithmetic, about what eager's host spends per step on a GPU (less the driver calls). On a
+GPU a narrow-deep step takes the longer of its host time and its GPU time, so fusing must not
+cost the host more than eager does. These are counts and host times, not GPU timings.
 
 Runs in a process without Triton's interpreter (``TRITON_INTERPRET`` unset).
 """
 import argparse
+import contextlib
 import copy
 import time
 from collections import Counter
@@ -79,10 +83,11 @@ def dwfast_step(model, x, grad) -> Step:
         return Step(Counter(launch.name for launch in gpu.launches), ops)
 
 
-def dwfast_host_us(model, x, grad, steps: int = 20) -> float:
-    """Median host microseconds of one dwfast training step on the stand-in GPU."""
+def host_us(model, x, grad, steps: int = 20, standin: bool = True) -> float:
+    """Median host microseconds of one training step of `model`: dwfast's on the stand-in GPU,
+    or with `standin` False run for real on x's device."""
     times = []
-    with standin_gpu():
+    with standin_gpu() if standin else contextlib.nullcontext():
         for _ in range(steps + 2):
             t0 = time.thread_time()  # this thread's CPU time: what the host spends, whatever else runs
             _step(model, x, grad)
@@ -134,9 +139,11 @@ def main(argv=None):
     print(_table("eager", eager_step(eager, x[:64].float().to(dtype), grad[:64]), blocks))
     dw = dwfast_step(fused, x, grad)
     print(_table("dwfast", dw, blocks))
-    us = dwfast_host_us(fused, x, grad, args.steps)
+    us = host_us(fused, x, grad, args.steps)
     print(f"dwfast host time: {us:.0f} us per step, {us / max(dw.total, 1):.1f} us per launch "
           "(stand-in GPU: Python and Triton work up to the driver call)")
+    us = host_us(eager, x[:2], grad[:2], args.steps, standin=False)
+    print(f"eager host time: {us:.0f} us per step (run on the CPU at 2 rows: dispatch and a little arithmetic)")
 
 
 if __name__ == "__main__":
