@@ -250,8 +250,8 @@ def _mlp_bwd_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def _tiles(H: int, K_in: int, N_out: int, dtype: torch.dtype, backward: bool = False):
-    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages) for hidden width H.
+def _tiles(M: int, H: int, K_in: int, N_out: int, dtype: torch.dtype, backward: bool = False):
+    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages) for a batch of M rows and hidden width H.
 
     A heuristic, not autotuning, and untimed: chosen from the compiled form for sm_90 (python
     -m bench.kernels --modes whole, on the CPU) as the tiles that do not spill and fit shared
@@ -259,10 +259,12 @@ def _tiles(H: int, K_in: int, N_out: int, dtype: torch.dtype, backward: bool = F
     [H, H] fp32 dW tile, so it takes fewer rows: 64 (a warpgroup's wgmma) up to H = 64 in
     16-bit dtypes, 32 beyond (its [BLOCK_M, H] products then run on mma.sync), 16 in fp32, whose
     3xTF32 products split every operand in two (and, at H = 128, 16-wide first and last layers
-    too). The forward takes 64 rows (a batch of 4096 then gives 64 programs: more could not
-    use wgmma) and prefetches two layers' weights where shared memory allows (a layer's MMA
-    waits for the previous layer's output; the weights are what can arrive early); in fp32 at
-    H = 128 one layer's [H, H] weights leave room for 32 rows, on mma.sync.
+    too). The forward takes 64 rows and prefetches two layers' weights where shared memory
+    allows (a layer's MMA waits for the previous layer's output; the weights are what can
+    arrive early); in fp32 at H = 128 one layer's [H, H] weights leave room for 32 rows, on
+    mma.sync. Either way, fewer rows where that is what gives every SM a program (a batch of
+    4096 in 64-row tiles leaves half of an H100's 132 SMs idle): a narrow net is latency-bound,
+    so idle SMs cost more than mma.sync's lower peak.
     """
     if _interpreting():
         return 32, 32, 32, 4, 1  # small tiles, so small test shapes cross tile edges
@@ -271,11 +273,16 @@ def _tiles(H: int, K_in: int, N_out: int, dtype: torch.dtype, backward: bool = F
     fp32 = dtype == torch.float32
     if backward:
         if fp32:
-            return (16, block_k, block_n, 4, 1) if H <= 64 else (16, 16, 16, 8, 1)
-        return (64 if H <= 64 else 32), block_k, block_n, 8, 1
-    if fp32 and H > 64:
-        return 32, block_k, block_n, 8, 1
-    return 64, block_k, block_n, 4 if H <= 64 else 8, 3
+            block_m, block_k, block_n, num_warps = (16, block_k, block_n, 4) if H <= 64 else (16, 16, 16, 8)
+        else:
+            block_m, num_warps = (64 if H <= 64 else 32), 8
+        num_stages = 1
+    else:
+        block_m, num_warps, num_stages = (32, 8, 1) if fp32 and H > 64 else (64, 4 if H <= 64 else 8, 3)
+    sms = num_sms()
+    while block_m > 16 and launch.cdiv(M, block_m) < sms:
+        block_m //= 2
+    return block_m, block_k, block_n, num_warps, num_stages
 
 
 def _placeholder(t, other):
@@ -298,7 +305,7 @@ def mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid=None, bn_out=None, *, hi
     L = w_hid.shape[0] + 2
     out = torch.empty((M, N_out), device=x.device, dtype=x.dtype)
     z = torch.empty((L - 1, M, H), device=x.device, dtype=x.dtype) if store_z else None
-    block_m, block_k, block_n, num_warps, num_stages = _tiles(H, K_in, N_out, x.dtype)
+    block_m, block_k, block_n, num_warps, num_stages = _tiles(M, H, K_in, N_out, x.dtype)
     _mlp_fwd_kernel[(launch.cdiv(M, block_m),)](
         x, w_in, _placeholder(w_hid, w_in), w_out, b_hid, b_out, bn_hid, bn_out, z, out,
         M, K_in, N_out, L,
@@ -329,7 +336,7 @@ def mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, *, hid_relu=True, out_relu=
     H = w_in.shape[0]
     N_out = w_out.shape[0]
     L = w_hid.shape[0] + 2
-    block_m, block_k, block_n, num_warps, num_stages = _tiles(H, K_in, N_out, x.dtype, backward=True)
+    block_m, block_k, block_n, num_warps, num_stages = _tiles(M, H, K_in, N_out, x.dtype, backward=True)
     row_tiles = launch.cdiv(M, block_m)
     G = _programs(row_tiles)
     part = lambda *shape: torch.empty((G, *shape), device=x.device, dtype=torch.float32)  # noqa: E731
