@@ -46,7 +46,9 @@ One launch per block (`_linear_bwd_kernel`) runs independent grids side by side:
                                first column tile's) store the g_z they build, and the next
                                launch, block l-1's, computes (a_{l-1}^T @ g_z)^T, a_{l-1} built
                                on load from its own z (its NEXT programs). The g_z write costs
-                               what reading g_y and z again would have.
+                               what reading g_y and z again would have. In fp32 at "highest"
+                               g_z is stored as its TF32 split, which that dW reads as it reads
+                               a weight's (_gemm_core's SPLIT_B), so its main loop overlaps too.
 A chain that ends on BatchNorm/activation (no next GEMM to ride on) adds one elementwise kernel
 each way (`_act_fwd_kernel`, `_act_bwd_kernel`).
 
@@ -294,8 +296,9 @@ def _gemm_core(
     # B [K, N] and its activation site (features along N); with SPLIT_B, B's TF32 high part,
     # and at b_lo_ptr (same strides) its low part
     b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope, b_lo_ptr,
-    # where T_A(A) is stored (STORE_A: rows up to sa_rows, columns up to a_k_ld)
-    sa_ptr, stride_sam, sa_rows,
+    # where T_A(A) is stored (STORE_A: rows up to sa_rows, columns up to a_k_ld; STORE_A == 2:
+    # its TF32 split, the low part at sa_lo_ptr with the same strides)
+    sa_ptr, stride_sam, sa_rows, sa_lo_ptr,
     # tile coordinates, sizes, and the bounds loads are masked by (module docstring: padded rows)
     offs_m, offs_n, M, N, k_start, k_end, a_m_ld, a_k_ld, b_k_ld, b_n_ld,
     # meta-parameters
@@ -311,7 +314,8 @@ def _gemm_core(
     is split here, so acc += a_hi b_lo + a_lo b_hi + a_hi b_hi in plain TF32 dots (small terms
     first). Both of B's parts are then loaded operands that the loop pipelines, where Triton's
     own "tf32x3" splits B in registers and stores it to shared memory inside the loop, which
-    makes every iteration wait for its MMAs.
+    makes every iteration wait for its MMAs. STORE_A == 2 stores T_A(A) split that way, for a
+    later launch to read as its split B.
 
     In the A_*_K modes the features run along K and number k_end (k_start = 0); in the A_*_M
     modes (dW) they run along M and K is the batch. B_MODE is A_PLAIN or A_ACT_K (B's
@@ -372,7 +376,13 @@ def _gemm_core(
             a = a32.to(a_ptr.dtype.element_ty)
         if STORE_A:
             sa_mask = (offs_m < sa_rows)[:, None] & (offs_k < a_k_ld)[None, :]
-            tl.store(sa_ptr + rows[:, None] * stride_sam + ks, a, mask=sa_mask)
+            sa_offs = rows[:, None] * stride_sam + ks
+            if STORE_A == 2:
+                a_hi, a_lo = _tf32_split(a)
+                tl.store(sa_ptr + sa_offs, a_hi, mask=sa_mask)
+                tl.store(sa_lo_ptr + sa_offs, a_lo, mask=sa_mask)
+            else:
+                tl.store(sa_ptr + sa_offs, a, mask=sa_mask)
         if ROW_SUM:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
         b_mask = (offs_k < b_k_ld)[:, None] & (offs_n < b_n_ld)[None, :]
@@ -382,10 +392,14 @@ def _gemm_core(
             b32 = _activate(b.to(tl.float32), offs_k[:, None], offs_n[None, :], n_center, n_scale, n_shift,
                             b_seed_ptr, b_drop_p, b_drop_scale, b_slope, B_BN, B_ACT, B_DROPOUT)
             b = tl.where(mask_k[:, None] & mask_n[None, :], b32, 0.0).to(b_ptr.dtype.element_ty)
-        if COL_SUM:
-            col_sum += tl.sum(b.to(tl.float32), axis=0)
         if SPLIT_B:
             b_lo = tl.load(b_lo_ptr + b_offs, mask=b_mask, other=0.0)
+        if COL_SUM:
+            if SPLIT_B:
+                col_sum += tl.sum(b + b_lo, axis=0)  # (exactly B: the parts add up without rounding)
+            else:
+                col_sum += tl.sum(b.to(tl.float32), axis=0)
+        if SPLIT_B:
             a_hi, a_lo = _tf32_split(a)
             acc_lo = tl.dot(a_hi, b_lo, acc_lo, input_precision="tf32")
             acc_mid = tl.dot(a_lo, b, acc_mid, input_precision="tf32")
@@ -485,7 +499,7 @@ def _linear_fwd_kernel(
         x_ptr, x_ptr, stride_xm, stride_xk, stride_xm, stride_xk,
         in_vec_ptr, None, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
         w_ptr, stride_wk, stride_wn, None, None, 0.0, 0.0, 0.0, w_ptr + _wide(N) * stride_wn,
-        None, 0, 0,
+        None, 0, 0, None,
         offs_m, offs_n, M, N, 0, K, M, ld_xk, ld_wk, N,
         IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False,
         A_PLAIN, False, ACT_NONE, False, False, False, False, SPLIT_W,
@@ -528,15 +542,16 @@ def _dx_program(
 ):
     """dX tile `pid` (grouped order over [M, K]): g_y_{l-1} = act_in'(g_z @ W), its partials and
     the previous block's BatchNorm gradients (module docstring); with STORE_GZ the first
-    column tile's programs also store the g_z they build, for the next launch's dW. SPLIT_W as
-    the forward's."""
+    column tile's programs also store the g_z they build, for the next launch's dW (2: its
+    TF32 split, the low part M rows behind). SPLIT_W as the forward's."""
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    gz_lo_ptr = gz_ptr + _wide(M) * stride_gzm if STORE_GZ == 2 else None
     acc, _, _ = _gemm_core(
         g_y_ptr, z_ptr, stride_gm, stride_gn, stride_zm, 1, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
         w_ptr, stride_wn, stride_wk, None, None, 0.0, 0.0, 0.0, w_ptr + _wide(N) * stride_wn,
-        gz_ptr, stride_gzm, tl.where(pid_n == 0, M, 0),
+        gz_ptr, stride_gzm, tl.where(pid_n == 0, M, 0), gz_lo_ptr,
         offs_m, offs_n, M, K, 0, N, M, ld_n, N, ld_wk,
         A_GRAD_K if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
         A_PLAIN, False, ACT_NONE, False, False, False, STORE_GZ, SPLIT_W,
@@ -555,8 +570,8 @@ def _dw_program(
     pid,
     # A^T [batch, DM] (features contiguous; the z of the same shape in A_GRAD_M) and its transform
     a_ptr, za_ptr, stride_ak, stride_zak, a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
-    # B [batch, DN] and its transform
-    b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope,
+    # B [batch, DN] and its transform; with SPLIT_B, B's TF32 high part, the low part at b_lo_ptr
+    b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope, b_lo_ptr,
     # outputs: dW [DM, DN] ([DN, DM] when TRANSPOSED), db, fp32 partials, ticket counters
     dw_ptr, db_ptr, part_ptr, ticket_ptr,
     # sizes: M = batch; load bounds of A's and B's features (padded rows)
@@ -564,7 +579,8 @@ def _dw_program(
     A_MODE: tl.constexpr, A_BN: tl.constexpr, A_ACT: tl.constexpr, A_DROPOUT: tl.constexpr,
     BATCH_STATS: tl.constexpr, B_MODE: tl.constexpr, B_BN: tl.constexpr, B_ACT: tl.constexpr,
     B_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Tile `pid % tiles` of A^T B over batch chunk `pid // tiles`, and db: the row sums of
     T_A(A) or, TRANSPOSED (the product is dW^T), the column sums of B. With SPLIT, fp32
@@ -580,11 +596,11 @@ def _dw_program(
     k_end = tl.minimum(k_start + ROWS_PER_SPLIT, M)
     acc, row_sum, col_sum = _gemm_core(
         a_ptr, za_ptr, 1, stride_ak, 1, stride_zak, a_vec_ptr, a_uv_ptr, a_seed_ptr, a_drop_p, a_drop_scale, a_slope,
-        b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope, None,
-        None, 0, 0,
+        b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope, b_lo_ptr,
+        None, 0, 0, None,
         offs_m, offs_n, DM, DN, k_start, k_end, a_m_ld, k_end, k_end, b_n_ld,
         A_MODE, A_BN, A_ACT, A_DROPOUT, BATCH_STATS,
-        B_MODE, B_BN, B_ACT, B_DROPOUT, HAS_BIAS and not TRANSPOSED, HAS_BIAS and TRANSPOSED, False, False,
+        B_MODE, B_BN, B_ACT, B_DROPOUT, HAS_BIAS and not TRANSPOSED, HAS_BIAS and TRANSPOSED, False, SPLIT_B,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     mask = (offs_m < DM)[:, None] & (offs_n < DN)[None, :]
@@ -653,10 +669,10 @@ def _linear_bwd_kernel(
     # BatchNorm gradients
     x_ptr, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, in_dgamma_ptr, in_dbeta_ptr, in_uv_ptr,
     # outputs: g_y_{l-1} [M, K], dW [N, K], db [N]; this block's g_z [M, N] for the next launch
-    # (STORE_GZ: its dW is deferred to that launch)
+    # (DW_DEFERRED: its dW is deferred to that launch; SPLIT_GZ: g_z's TF32 split, [2M, N])
     g_in_ptr, dw_ptr, db_ptr, gz_ptr,
     # the next block's dW, deferred to this launch (NEXT): its g_z [M, NN] (the last launch's
-    # gz), this block's activation (with vec_ptr), dW [NN, N], db [NN]
+    # gz, split with NX_SPLIT_GZ), this block's activation (with vec_ptr), dW [NN, N], db [NN]
     nx_gz_ptr, seed_ptr, drop_p, drop_scale, slope, nx_dw_ptr, nx_db_ptr,
     # fp32 scratch: the dW roles' partials (with SPLIT, NX_SPLIT), then the dX programs' [2,
     # row_tiles, K]; ticket counters: the dX column tiles', then each dW role's tiles'
@@ -677,6 +693,7 @@ def _linear_bwd_kernel(
     HAS_DX: tl.constexpr, IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
     SPLIT_W: tl.constexpr, DW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     NEXT: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, NX_HAS_BIAS: tl.constexpr, NX_SPLIT: tl.constexpr,
+    SPLIT_GZ: tl.constexpr, NX_SPLIT_GZ: tl.constexpr,
     DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
     NX_BLOCK_M: tl.constexpr, NX_BLOCK_N: tl.constexpr, NX_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -694,27 +711,28 @@ def _linear_bwd_kernel(
                 in_dbeta_ptr, in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, scratch_ptr + dw_part + nx_part,
                 ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
                 HAS_BN, BATCH_STATS, IN_ACT, IN_DROPOUT, IN_BN_MODE, IN_HAS_GAMMA, IN_HAS_BETA,
-                DW_MODE == DW_DEFERRED, SPLIT_W, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, PRECISION,
+                (2 if SPLIT_GZ else 1) if DW_MODE == DW_DEFERRED else 0, SPLIT_W, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K,
+                PRECISION,
             )
     elif pid < DX_PROGRAMS + DW_PROGRAMS:
         tickets = ticket_ptr + tl.cdiv(K, DX_BLOCK_N)
         if DW_MODE == DW_GRAD_ROWS:  # g_z^T @ a_{l-1}
             _dw_program(
                 pid - DX_PROGRAMS, g_y_ptr, z_ptr, stride_gm, stride_zm, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
-                x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+                x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, None,
                 dw_ptr, db_ptr, scratch_ptr, tickets, M, N, K, ld_n, ld_xk, ROWS_PER_SPLIT,
                 A_GRAD_M if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
-                IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False, HAS_BIAS, SPLIT,
+                IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False, HAS_BIAS, SPLIT, False,
                 DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
             )
         elif DW_MODE == DW_ACT_ROWS:  # (a_{l-1}^T @ g_y)^T, g_z = g_y without BatchNorm
             _dw_program(
                 pid - DX_PROGRAMS, x_ptr, x_ptr, stride_xm, stride_xm, in_vec_ptr, None, in_seed_ptr, in_drop_p,
                 in_drop_scale, in_slope,
-                g_y_ptr, stride_gm, stride_gn, None, None, 0.0, 0.0, 0.0,
+                g_y_ptr, stride_gm, stride_gn, None, None, 0.0, 0.0, 0.0, None,
                 dw_ptr, db_ptr, scratch_ptr, tickets, M, K, N, ld_xk, ld_n, ROWS_PER_SPLIT,
                 A_ACT_M, IN_BN, IN_ACT, IN_DROPOUT, False, A_PLAIN, False, ACT_NONE, False, True, HAS_BIAS, SPLIT,
-                DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
+                False, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
             )
     elif NEXT:  # the next block's (a_l^T @ g_z_{l+1})^T
         dw_part = _dw_scratch(M, N, K, ROWS_PER_SPLIT, SPLIT) if DW_MODE != DW_DEFERRED else 0
@@ -722,10 +740,10 @@ def _linear_bwd_kernel(
         _dw_program(
             pid - DX_PROGRAMS - DW_PROGRAMS, z_ptr, z_ptr, stride_zm, stride_zm, vec_ptr, None, seed_ptr, drop_p,
             drop_scale, slope,
-            nx_gz_ptr, stride_nxm, 1, None, None, 0.0, 0.0, 0.0,
+            nx_gz_ptr, stride_nxm, 1, None, None, 0.0, 0.0, 0.0, nx_gz_ptr + _wide(M) * stride_nxm,
             nx_dw_ptr, nx_db_ptr, scratch_ptr + dw_part, tickets, M, N, NN, ld_n, ld_nn, NX_ROWS_PER_SPLIT,
             A_ACT_M, HAS_BN, ACT, DROPOUT, False, A_PLAIN, False, ACT_NONE, False, True, NX_HAS_BIAS, NX_SPLIT,
-            NX_BLOCK_M, NX_BLOCK_N, NX_BLOCK_K, PRECISION,
+            NX_SPLIT_GZ, NX_BLOCK_M, NX_BLOCK_N, NX_BLOCK_K, PRECISION,
         )
 
 
@@ -871,6 +889,10 @@ def _precision(dtype: torch.dtype) -> str:
 # always does; a narrow layer's GEMM has few rows of tiles, so it takes narrow ones), else the
 # smallest. BLOCK_M >= 64: a warpgroup's wgmma covers 64 rows.
 TILES = ((128, 128), (128, 64), (64, 128), (64, 64), (64, 32), (64, 16))
+# Below those, for forward and dX outputs at most 32 wide (a head of a few outputs, a narrow
+# input's gradient), whose 64-row tiles leave SMs idle up to a batch of 64 x 132: fewer rows,
+# on mma.sync. Such a GEMM is a few FLOPs per byte, so idle SMs cost more than wgmma would win.
+NARROW_TILES = ((32, 16), (16, 16))
 
 
 def _largest(dtype: torch.dtype) -> int:
@@ -909,6 +931,7 @@ def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.
     accumulators = _accumulators(gemm, M, N, K, dtype)
     # three accumulators (3xTF32) in 128 x 64 tiles spill the dX programs
     fits = _fitting(M, N, _largest(dtype) if accumulators == 1 else 64 * 64)
+    fits += NARROW_TILES if N <= 32 else ()
     sms = num_sms()
     block_m, block_n = next((t for t in fits if launch.cdiv(M, t[0]) * launch.cdiv(N, t[1]) >= sms), fits[-1])
     block_k = 32 if dtype == torch.float32 else 64
@@ -935,8 +958,8 @@ def _split_fits(rows: int, weight_rows: int) -> bool:
 
 def _warps(area: int) -> int:
     # two warpgroups from 128 x 64 up: a thread's share of the accumulator and operands stays
-    # small enough not to spill
-    return 8 if area >= 128 * 64 else 4
+    # small enough not to spill; below 64 x 16 (NARROW_TILES, mma.sync) a warp or two
+    return 8 if area >= 128 * 64 else 4 if area >= 64 * 16 else 2 if area > 16 * 16 else 1
 
 
 # ---- padded rows and aligned weights
@@ -1101,11 +1124,13 @@ NO_DW = _DW(16, 16, 16, 4, 3, 0, 0, 1, False, 0)  # a role without programs
 
 
 @_per_shape
-def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, narrowest: int = 16) -> _DW:
+def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, narrowest: int = 16,
+             accumulators: int = 1) -> _DW:
     """How a dW [DM, DN] = A^T B over a batch of B rows is tiled and split into batch chunks
     (_dw_program): the tile table's config, else the largest tile (TILES, at most `area`
     elements and at least `narrowest` wide) for which chunks of at least 4 BLOCK_K steps give
-    every SM a program, else the smallest with one-step chunks (of 32 rows where needed)."""
+    every SM a program, else the smallest with one-step chunks (of 32 or 16 rows where needed).
+    `accumulators`: 3 where B is read as its TF32 split (SPLIT_B), in tiles of 64 x 64 at most."""
     block_k = 32 if dtype == torch.float32 else 64
     num_stages = 3
     config = None if _interpreting() else table_config("dw", DM, DN, B, dtype, device)
@@ -1116,13 +1141,14 @@ def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, nar
         block_m, block_n, block_k, _, num_stages, splits = config
     else:
         sms = num_sms()
-        fits = [t for t in _fitting(DM, DN, min(area, _largest(dtype))) if t[1] >= min(narrowest, DN)] or [TILES[-1]]
+        area = min(area, _largest(dtype) if accumulators == 1 else 64 * 64)
+        fits = [t for t in _fitting(DM, DN, area) if t[1] >= min(narrowest, DN)] or [TILES[-1]]
         wanted = [launch.cdiv(sms, launch.cdiv(DM, bm) * launch.cdiv(DN, bn)) for bm, bn in fits]
         i = next((i for i, n in enumerate(wanted) if n <= max(B // (4 * block_k), 1)), len(fits) - 1)
         (block_m, block_n), splits = fits[i], wanted[i]
-        if B // splits < block_k:  # one-step chunks: shorter steps make more of them
-            block_k = 32
-    num_warps = config[3] if config is not None else _warps(block_m * block_n)
+        while B // splits < block_k and block_k > 16:  # one-step chunks: shorter steps make more of them
+            block_k //= 2
+    num_warps = config[3] if config is not None else _warps(block_m * block_n * accumulators)
     n_tiles = launch.cdiv(DM, block_m) * launch.cdiv(DN, block_n)
     rows_per_split = max(1, B // splits // block_k) * block_k
     splits = launch.cdiv(B, rows_per_split)
@@ -1140,6 +1166,7 @@ class DeferredDW(NamedTuple):
     db: Optional[torch.Tensor]
     x: torch.Tensor
     site: Site
+    split: bool = False  # g_z is stored as its TF32 split, the low part B rows behind (fp32 at "highest")
 
 
 def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: Norm = NO_NORM,
@@ -1187,7 +1214,8 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     own = NO_DW if dw_mode == DEFERRED else _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype,
                                                      dev, area, narrowest)
     nn = deferred.dw.shape[0] if deferred is not None else 0
-    nxt = _dw_plan(B, N, nn, g_y.dtype, dev, area, narrowest) if deferred is not None else NO_DW
+    nxt = (_dw_plan(B, N, nn, g_y.dtype, dev, area, narrowest, 3 if deferred.split else 1) if deferred is not None
+           else NO_DW)
     # The roles share the launch's warps and stages: the most warps any asks for (8 for two dW
     # roles, whose registers add up), the fewest stages.
     roles = [r for r in (own, nxt) if r.programs]
@@ -1206,7 +1234,10 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     dbeta = torch.empty_like(norm_in.beta) if in_bn != NO_BN and norm_in.beta is not None else None
     dw = torch.empty(weight.shape, device=dev, dtype=weight.dtype)  # contiguous, as the kernel writes it
     db = torch.empty(N, device=dev, dtype=weight.dtype) if has_bias else None
-    g_z = new_activation(B, N, g_y) if dw_mode == DEFERRED else None
+    # fp32 at "highest": g_z stored as its TF32 split, which the next launch's dW reads as it reads
+    # a weight's (_gemm_core's SPLIT_B): its main loop then overlaps
+    split_gz = dw_mode == DEFERRED and _precision(g_y.dtype) == "tf32x3"
+    g_z = new_activation((1 + split_gz) * B, N, g_y)[:B] if dw_mode == DEFERRED else None
     dx_scratch = 2 * dx_row_tiles * K if in_bn != NO_BN else 0
     scratch = launch.scratch(dev, own.scratch + nxt.scratch + dx_scratch)
     tickets = launch.tickets(dev, dx_col_tiles + own.tiles + nxt.tiles)
@@ -1234,14 +1265,14 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
          input_grad, in_bn, dgamma is not None, dbeta is not None, split_w and input_grad,
          dw_mode, has_bias, own.split,
          deferred is not None, int(site.act), site.drop_p > 0, deferred is not None and deferred.db is not None,
-         nxt.split,
+         nxt.split, split_gz, deferred is not None and deferred.split,
          dx_m, dx_n, dx_k, own.block_m, own.block_n, own.block_k, nxt.block_m, nxt.block_n, nxt.block_k,
          _precision(g_y.dtype)),
         num_warps, num_stages,
     )
     dx_part = own.scratch + nxt.scratch
     part_in = scratch[dx_part:dx_part + dx_scratch].view(2, dx_row_tiles, K) if in_bn == PARTIALS else None
-    later = DeferredDW(g_z, dw, db, x, site_in) if dw_mode == DEFERRED else None
+    later = DeferredDW(g_z, dw, db, x, site_in, split_gz) if dw_mode == DEFERRED else None
     return g_in, dw, db, dgamma, dbeta, part_in, later
 
 

@@ -24,12 +24,15 @@ SM90_SMS = 132
 
 # Representative cases, (name, dtypes, mode, features, hidden widths, outputs), B = 4096: the
 # per-layer training step at a width that is a multiple of 8 in every dtype and at one that is
-# not, the eval forward (BatchNorm folded) and the whole-net path (no BatchNorm, widths <= 128).
+# not, the eval forward (BatchNorm folded) and the whole-net path (no BatchNorm, widths <= 128);
+# a one-output head and an 8-feature input, whose forward and input gradient are GEMMs too
+# narrow for 64-row tiles to fill the SMs.
 # The unaligned case pads the hidden layers only: the chain's input and its output's gradient
 # are the user's tensors, read as they are laid out (the sweep's have 128 features).
 CASES = [
-    ("aligned", ("fp16", "bf16", "fp32"), "train", 256, (256,), 256),
+    ("aligned", ("fp16", "bf16", "fp32"), "train", 256, (256, 256), 256),
     ("unaligned", ("bf16",), "train", 128, (252, 252), 128),
+    ("narrow", ("bf16", "fp32"), "train", 8, (252,), 1),
     ("eval", ("bf16", "fp32"), "infer", 256, (256,), 256),
     ("whole", ("bf16", "fp32"), "whole", 64, (64,), 64),
 ]
@@ -86,28 +89,35 @@ EXPECT = [
     ("unaligned", None, "", fits_shared_memory, False),
     ("eval", None, "", fits_shared_memory, False),
     ("whole", None, "", fits_shared_memory, False),
+    ("narrow", None, "", fits_shared_memory, False),
     ("aligned", ("fp16", "bf16"), "", wgmma, False),
     ("eval", ("bf16",), "", wgmma, False),
-    ("whole", ("fp16", "bf16"), "", wgmma, False),
     ("unaligned", None, "", wgmma, False),
     ("aligned", ("fp16", "bf16"), "linear_", overlapped, False),
     ("aligned", None, "", no_spills, False),
     ("unaligned", None, "", no_spills, False),
     ("eval", None, "", no_spills, False),
     ("whole", None, "", no_spills, False),
+    ("narrow", None, "", no_spills, False),
     ("unaligned", None, "linear_", vector_loads, False),
     ("unaligned", None, "linear_", overlapped, False),
     ("aligned", ("fp32",), "", tensor_cores, False),
     ("eval", ("fp32",), "", tensor_cores, False),
-    ("whole", ("fp32",), "", tensor_cores, False),
+    ("whole", None, "", tensor_cores, False),
+    ("narrow", None, "", tensor_cores, False),
     ("aligned", None, "linear_", full_wave, False),
     ("unaligned", None, "linear_", full_wave, False),
-    # 3xTF32 where B is not a weight split in memory (the first block's forward, dW): Triton's
-    # "tf32x3" splits B in registers and stores it to shared memory inside the loop, so it waits
-    # for each MMA. The other forwards and every dX read the weight's split (_gemm_core's
-    # SPLIT_B) and overlap: the next entry.
+    # fewer rows than a wgmma's 64 where that is what fills the SMs (mma.sync)
+    ("narrow", None, "linear_", full_wave, False),
+    ("whole", None, "", full_wave, False),
+    # 3xTF32 where B is not split in memory ahead of time (the first block's forward; dW of the
+    # first block and of blocks without BatchNorm): Triton's "tf32x3" splits B in registers and
+    # stores it to shared memory inside the loop, so it waits for each MMA. The other forwards
+    # and every dX read the weight's split, the deferred dW g_z's (_gemm_core's SPLIT_B), and
+    # overlap: the next entries.
     ("aligned", ("fp32",), "linear_", overlapped, True),
     ("aligned", ("fp32",), "linear_dx", overlapped, False),
+    ("aligned", ("fp32",), "linear_dwn", overlapped, False),
 ]
 
 
