@@ -16,8 +16,9 @@ and the optimizer aside (they cost every implementation the same). Two counts pe
 Host time: dwfast's step under the stand-in, where a launch costs its Python and Triton work up
 to the driver call (a real launch adds the driver's own few microseconds), as the CPU time of
 the thread (median of steps), which other load on the machine disturbs less than wall time.
-Beside it, eager's step run for real on the CPU at 2 rows: its ops' dispatch and a little
-arithmetic, about what eager's host spends per step on a GPU (less the driver calls). On a
+Beside it, eager's step run for real on the CPU at 2 rows in fp32 (the CPU's 16-bit matmuls
+are slow): its ops' dispatch and a little arithmetic, about what eager's host spends per step
+on a GPU (less the driver calls). On a
 GPU a narrow-deep step takes the longer of its host time and its GPU time, so fusing must not
 cost the host more than eager does. These are counts and host times, not GPU timings.
 
@@ -142,8 +143,8 @@ def main(argv=None):
     us = host_us(fused, x, grad, args.steps)
     print(f"dwfast host time: {us:.0f} us per step, {us / max(dw.total, 1):.1f} us per launch "
           "(stand-in GPU: Python and Triton work up to the driver call)")
-    us = host_us(eager, x[:2], grad[:2], args.steps, standin=False)
-    print(f"eager host time: {us:.0f} us per step (run on the CPU at 2 rows: dispatch and a little arithmetic)")
+    us = host_us(copy.deepcopy(eager).float(), x[:2].float(), grad[:2].float(), args.steps, standin=False)
+    print(f"eager host time: {us:.0f} us per step (run on the CPU at 2 rows, fp32: dispatch and a little arithmetic)")
 
 
 if __name__ == "__main__":
