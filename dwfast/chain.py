@@ -87,21 +87,35 @@ def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def state(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter or buffer (None where registered as None), read
+    from the module's own dicts, which also hold what ``torch.func.functional_call`` swaps in:
+    the attribute goes through ``nn.Module.__getattr__``, microseconds each on a slow CPU, and a
+    chain reads several per block per call."""
+    params = module._parameters
+    if name in params:
+        return params[name]
+    buffers = module._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
+
+
 def uses_batch_stats(bn: nn.BatchNorm1d) -> bool:
     """Whether `bn` normalises with batch statistics in this call, read as ``_BatchNorm.forward``
     reads it: in training, or without running statistics."""
-    return bn.training or (bn.running_mean is None and bn.running_var is None)
+    return bn.training or (state(bn, "running_mean") is None and state(bn, "running_var") is None)
 
 
 def updates_running_stats(bn: nn.BatchNorm1d) -> bool:
     """Whether this call of `bn` updates ``running_mean`` / ``running_var`` (eager passes them to
     F.batch_norm in training only with ``track_running_stats``)."""
-    return bn.training and bn.track_running_stats and bn.running_mean is not None
+    return bn.training and bn.track_running_stats and state(bn, "running_mean") is not None
 
 
 def counts_batches(bn: nn.BatchNorm1d) -> bool:
     """Whether this call of `bn` bumps ``num_batches_tracked``."""
-    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    return bn.training and bn.track_running_stats and state(bn, "num_batches_tracked") is not None
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import ops, reference, whole_net
 from .backend import get_whole_net, is_reference, resolve_backend
-from .chain import Block, autocast_dtype, counts_batches, eager_chain, updates_running_stats, uses_batch_stats
+from .chain import Block, autocast_dtype, counts_batches, eager_chain, state, updates_running_stats, uses_batch_stats
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the kernels run
 
@@ -41,11 +41,7 @@ def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
         rows, width = x.shape
         first = None
         for blk in blocks:
-            # `.weight` is a Python call (nn.Module.__getattr__), the dict lookup is not; the dict
-            # holds the same tensor (functional_call swaps it there too) unless a hook keeps it elsewhere
-            w = blk.linear._parameters.get("weight")
-            if w is None:
-                w = blk.linear.weight
+            w = state(blk.linear, "weight")
             n_out, n_in = w.shape
             if n_in != width:
                 raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{width} and {n_in}x{n_out})")
@@ -77,7 +73,7 @@ def _ops_follow(bn: nn.Module) -> bool:
     """Whether the ops read `bn`'s state as eager does. They update the running statistics and
     num_batches_tracked together (`updates_running_stats`); a missing buffer can split those in
     eager, and running_mean without running_var is an error there."""
-    return ((bn.running_mean is None) == (bn.running_var is None)
+    return ((state(bn, "running_mean") is None) == (state(bn, "running_var") is None)
             and updates_running_stats(bn) == counts_batches(bn))
 
 
@@ -100,11 +96,12 @@ def _fusable(x: torch.Tensor, blocks: List[Block]) -> bool:
         return False
     dtypes = _FLOATS if low is not None else (x.dtype,)
     for blk in blocks:
-        tensors = [blk.linear.weight, blk.linear.bias]
-        if blk.bn is not None:
-            if type(blk.bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm) or not _ops_follow(blk.bn):
+        tensors = [state(blk.linear, "weight"), state(blk.linear, "bias")]
+        bn = blk.bn
+        if bn is not None:
+            if type(bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm) or not _ops_follow(bn):
                 return False
-            tensors += [blk.bn.weight, blk.bn.bias, blk.bn.running_mean, blk.bn.running_var]
+            tensors += [state(bn, "weight"), state(bn, "bias"), state(bn, "running_mean"), state(bn, "running_var")]
         if any(t is not None and (t.dtype not in dtypes or t.device != x.device) for t in tensors):
             return False
     return True

@@ -16,7 +16,8 @@ packed in one int and one float list (`Spec`), so they pass through torch.compil
 and stay cheap to call: PyTorch's dispatch costs host time per argument, partly quadratic in
 their number.
 """
-from typing import List, NamedTuple, Optional
+import functools
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from . import distributed as D
 from . import kernels as K
 from . import library
 from . import reference as R
-from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, updates_running_stats, uses_batch_stats
+from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, state, updates_running_stats, uses_batch_stats
 
 assert (NO_BN, BATCH, FIXED) == (K.NO_BN, K.BATCH, K.FIXED)
 _PER_BLOCK = 2  # saved tensors per block: z, vec
@@ -55,13 +56,24 @@ def pack(specs: List[Spec]):
     return [int(v) for s in specs for v in s[:_INTS]], [float(v) for s in specs for v in s[_INTS:]]
 
 
-def unpack(ints: List[int], floats: List[float]) -> List[Spec]:
+def unpack(ints: List[int], floats: List[float]) -> Tuple[Spec, ...]:
+    """The blocks' Specs from pack's encoding, made once per encoding (every op call unpacks)."""
+    try:
+        return _unpacked(tuple(ints), tuple(floats))
+    except TypeError:  # symbolic ints (torch.compile tracing) are unhashable
+        return _unpack(ints, floats)
+
+
+def _unpack(ints, floats) -> Tuple[Spec, ...]:
     specs = []
     for i in range(len(ints) // _INTS):
         has_bias, has_gamma, has_beta, mode, tracked, cumulative, act, sync = ints[i * _INTS:(i + 1) * _INTS]
         specs.append(Spec(bool(has_bias), bool(has_gamma), bool(has_beta), mode, bool(tracked), bool(cumulative), act,
                           sync, *floats[i * _FLOATS:(i + 1) * _FLOATS]))
-    return specs
+    return tuple(specs)
+
+
+_unpacked = functools.lru_cache(maxsize=256)(_unpack)
 
 
 def _expand(present: List[Tensor], flags) -> List[Optional[Tensor]]:
@@ -381,12 +393,12 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     dtype = low if low is not None else x.dtype
     cast = (lambda t: t if t is None else t.float()) if upcast and dtype != torch.float32 else (lambda t: t)
     lin_cast = (lambda t: cast(t if t is None else t.to(low))) if low is not None else cast
-    weights = [lin_cast(m.weight) for m in lin]
-    biases = [lin_cast(m.bias) for m in lin]
-    gammas = [cast(bn.weight) if bn is not None else None for bn in bns]
-    betas = [cast(bn.bias) if bn is not None else None for bn in bns]
-    run_means = [cast(bn.running_mean) if bn is not None else None for bn in bns]
-    run_vars = [cast(bn.running_var) if bn is not None else None for bn in bns]
+    weights = [lin_cast(state(m, "weight")) for m in lin]
+    biases = [lin_cast(state(m, "bias")) for m in lin]
+    gammas = [cast(state(bn, "weight")) if bn is not None else None for bn in bns]
+    betas = [cast(state(bn, "bias")) if bn is not None else None for bn in bns]
+    run_means = [cast(state(bn, "running_mean")) if bn is not None else None for bn in bns]
+    run_vars = [cast(state(bn, "running_var")) if bn is not None else None for bn in bns]
     specs = []
     for blk, bias, gamma, beta in zip(blocks, biases, gammas, betas):
         bn, (act, slope) = blk.bn, act_spec(blk.act)
@@ -406,13 +418,13 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     body = new_saved(x, weights[:n + 1], specs[:n])
     if n:
         running = [s.bn_mode == FIXED or s.tracked for s in specs[:n]]
-        num_batches = [bn.num_batches_tracked for bn, s in zip(bns, specs[:n]) if s.tracked]
+        num_batches = [state(bn, "num_batches_tracked") for bn, s in zip(bns, specs[:n]) if s.tracked]
         with torch.no_grad():
             chain_body(x, body[0::_PER_BLOCK], body[1::_PER_BLOCK], weights[:n + 1], _present(biases[:n]),
                        _present(gammas[:n]), _present(betas[:n]), _present(run_means[:n], running),
                        _present(run_vars[:n], running), num_batches, seeds, ints[:n * _INTS], floats[:n * _FLOATS])
         for i in range(n):
-            if specs[i].tracked and run_means[i] is not bns[i].running_mean:  # upcast copies: write back
+            if specs[i].tracked and run_means[i] is not state(bns[i], "running_mean"):  # upcast copies: write back
                 bns[i].running_mean.copy_(run_means[i])
                 bns[i].running_var.copy_(run_vars[i])
     fixed = [s.bn_mode == FIXED for s in specs]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import library
 from . import reference as R
-from .chain import Block, uses_batch_stats
+from .chain import Block, state, uses_batch_stats
 from .kernels.fused_mlp import mlp_bwd, mlp_fwd
 
 MIN_WIDTH, MAX_WIDTH = 16, 128
@@ -56,8 +56,9 @@ def qualifies(x: Tensor, blocks: List[Block]) -> Optional[str]:
     bns = [b.bn for b in blocks if b.bn is not None]
     if any(uses_batch_stats(bn) for bn in bns):
         return None
-    params = [p for b in blocks for m in (b.linear, b.bn) if m is not None for p in m.parameters()]
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    # (a Linear's and a BatchNorm1d's parameters are their weight and bias)
+    params = [state(m, name) for b in blocks for m in (b.linear, b.bn) if m is not None for name in ("weight", "bias")]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
     if needs_grad:
         return None if bns else "train"
     return "infer"
@@ -187,9 +188,9 @@ def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Opt
     hidden, last = blocks[:-1], blocks[-1]
     widths = [b.linear.out_features for b in hidden]
     H = max(MIN_WIDTH, 1 << (max(widths) - 1).bit_length())
-    weights = [cast(b.linear.weight) for b in blocks]
-    biases = [cast(b.linear.bias) if b.linear.bias is not None else weights[i].new_zeros(weights[i].shape[0])
-              for i, b in enumerate(blocks)]
+    weights = [cast(state(b.linear, "weight")) for b in blocks]
+    biases = [state(b.linear, "bias") for b in blocks]
+    biases = [cast(b) if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
 
     w_in = _pad(weights[0], H - widths[0])
     w_hid = [_pad(w, H - widths[i + 1], H - widths[i]) for i, w in enumerate(weights[1:-1])]

@@ -250,6 +250,19 @@ def test_frozen_layers_and_frozen_batchnorm(kernel_device, fused_ops):
     assert fused_ops["chain_forward"] == 3
 
 
+def test_in_place_updates_bump_versions(kernel_device, fused_ops):
+    """The fused forward updates num_batches_tracked in place as eager's add_ does, version
+    counter included (autograd's check that a tensor it saved was not modified since)."""
+    eager, fused = pair(mlp(), kernel_device)
+    x = torch.randn(16, 7, device=kernel_device)
+    for m in (eager, fused):
+        counters = [b for name, b in m.named_buffers() if name.endswith("num_batches_tracked")]
+        before = [b._version for b in counters]
+        m(x)
+        assert [b._version > v for b, v in zip(counters, before)] == [True] * 2
+    assert fused_ops["chain_forward"] == 1
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_no_grad_and_inference_mode(kernel_device, mode, training):
