@@ -21,22 +21,24 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels a
 _compiled = {}
 
 
-def _tensor(t):
-    return t.dtype, not t.data_ptr() & 15
-
-
-def _int(n):
-    return (n == 1) + 2 * (not n & 15) + 4 * (n >= 2 ** 31)
-
-
-# What Triton specialises a launch on, per runtime argument: dtype and 16-byte alignment of a
-# pointer, an integer equal to 1 or divisible by 16 (or past 32 bits), a bool's value, None.
-_SPECIALISE = {torch.Tensor: _tensor, torch.nn.Parameter: _tensor, int: _int, bool: bool, float: type,
-               type(None): type}
-
-
 def _signature(args) -> tuple:
-    return tuple([_SPECIALISE.get(type(a), _tensor)(a) for a in args])
+    """What Triton specialises a launch on, per runtime argument: an integer equal to 1 or
+    divisible by 16 (or past 32 bits), a float or None as such, a bool's value, a tensor's dtype
+    and the 16-byte alignment of its pointer. (One flat loop: a launch has 20 to 50 arguments,
+    and a function call per argument would cost more than the rest of the launch.)"""
+    key = []
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            key.append((a == 1) + 2 * (not a & 15) + 4 * (a >= 0x80000000))
+        elif kind is float or a is None:
+            key.append(kind)
+        elif kind is bool:
+            key.append(a)
+        else:
+            key.append(a.dtype)
+            key.append(not a.data_ptr() & 15)
+    return tuple(key)
 
 
 def cdiv(a: int, b: int) -> int:
