@@ -20,13 +20,21 @@ Beside it, eager's step run for real on the CPU at 2 rows in fp32 (the CPU's 16-
 are slow): its ops' dispatch and a little arithmetic, about what eager's host spends per step
 on a GPU (less the driver calls). On a
 GPU a narrow-deep step takes the longer of its host time and its GPU time, so fusing must not
-cost the host more than eager does. These are counts and host times, not GPU timings.
+cost the host more than eager does. With `--instructions`, both steps also run under
+`valgrind --tool=callgrind` (collection switched on around the steps only), which counts the
+instructions a step executes: repeatable to a fraction of a percent where CPU times on a
+shared machine move by tens of percent. These are counts and host times, not GPU timings.
 
 Runs in a process without Triton's interpreter (``TRITON_INTERPRET`` unset).
 """
 import argparse
 import contextlib
 import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from typing import NamedTuple
@@ -96,6 +104,36 @@ def host_us(model, x, grad, steps: int = 20, standin: bool = True) -> float:
     return sorted(times[2:])[len(times[2:]) // 2] * 1e6
 
 
+def _counted_steps(model, x, grad, steps: int, standin: bool) -> None:
+    """`steps` training steps with callgrind's collection on, after three without (warm-up and,
+    on the stand-in, compiles); this process runs under valgrind --tool=callgrind
+    --instr-atstart=no (instructions_per_step)."""
+    def collect(state):
+        subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True, capture_output=True)
+    with standin_gpu() if standin else contextlib.nullcontext():
+        for _ in range(3):
+            _step(model, x, grad)
+        collect("on")
+        for _ in range(steps):
+            _step(model, x, grad)
+        collect("off")
+
+
+def instructions_per_step(argv, which: str, steps: int) -> float:
+    """Instructions one training step of `which` ("dwfast" on the stand-in GPU, "eager" at 2
+    rows in fp32) executes, counted by callgrind in a child process run with `argv`."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (Debian/Ubuntu: apt install valgrind)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                        sys.executable, "-m", "bench.launches", *argv, "--count-in-child", which],
+                       check=True, capture_output=True)
+        with open(out) as f:
+            totals = next(line for line in f if line.startswith("totals:"))
+    return int(totals.split()[1]) / steps
+
+
 def model_and_data(depth, width, batch, in_features, out_features, batchnorm, dropout, dtype):
     """A dwfast.MLP of `depth` hidden blocks of `width`, an unfused copy, an input and a grad."""
     torch.manual_seed(0)
@@ -126,12 +164,21 @@ def main(argv=None):
     p.add_argument("--no-batchnorm", action="store_true")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=20, help="steps timed for host time (median)")
+    p.add_argument("--instructions", action="store_true",
+                   help="also count the instructions per step under valgrind's callgrind (repeatable)")
+    p.add_argument("--count-in-child", choices=["dwfast", "eager"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     spec = (args.depth, args.width, args.batch, args.in_features, args.out_features, not args.no_batchnorm,
             args.dropout, dtype)
     fused, _, x, grad = model_and_data(*spec)
     eager = model_and_data(*spec[:2], 64, *spec[3:])[1]
+    host_eager = copy.deepcopy(eager).float(), x[:2].float(), grad[:2].float()  # eager's host time: 2 rows, fp32
+    if args.count_in_child:
+        torch.set_num_threads(1)  # (idle worker threads would be counted too; eager on a GPU runs none)
+        model, x, grad = (fused, x, grad) if args.count_in_child == "dwfast" else host_eager
+        _counted_steps(model, x, grad, args.steps, standin=args.count_in_child == "dwfast")
+        return
     blocks = args.depth + 1
     print(f"MLP {args.in_features} -> {args.depth} x {args.width} -> {args.out_features}, "
           f"{'BatchNorm, ' if not args.no_batchnorm else ''}ReLU{f', dropout {args.dropout}' if args.dropout else ''}"
@@ -143,8 +190,16 @@ def main(argv=None):
     us = host_us(fused, x, grad, args.steps)
     print(f"dwfast host time: {us:.0f} us per step, {us / max(dw.total, 1):.1f} us per launch "
           "(stand-in GPU: Python and Triton work up to the driver call)")
-    us = host_us(copy.deepcopy(eager).float(), x[:2].float(), grad[:2].float(), args.steps, standin=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on a GPU, where eager's ops run no CPU threads
+    us = host_us(*host_eager, args.steps, standin=False)
+    torch.set_num_threads(threads)
     print(f"eager host time: {us:.0f} us per step (run on the CPU at 2 rows, fp32: dispatch and a little arithmetic)")
+    if args.instructions:
+        child = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--instructions"]
+        counts = {which: instructions_per_step(child, which, args.steps) for which in ("dwfast", "eager")}
+        print(f"instructions per step (callgrind): dwfast {counts['dwfast'] / 1e6:.2f} M, "
+              f"eager {counts['eager'] / 1e6:.2f} M")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@ PyTorch op between its kernels. In a subprocess: the stand-in compiles for real 
 """
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 _COUNT = """
 import json, sys, torch
@@ -65,3 +69,15 @@ def test_command_line():
     out = res.stdout
     assert "dwfast: 6 launches per step, 2.00 per block (6 Triton kernels, 0 PyTorch ops)" in out, out
     assert "eager: " in out and "host time" in out, out
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (on every machine this project runs on)")
+def test_instruction_counts():
+    """`python -m bench.launches --instructions`: both steps counted under callgrind."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "bench.launches", "--depth", "1", "--width", "32", "--batch", "64",
+                          "--in-features", "16", "--out-features", "4", "--dtype", "fp32", "--steps", "2",
+                          "--instructions"], env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = re.search(r"instructions per step \(callgrind\): dwfast ([0-9.]+) M, eager ([0-9.]+) M", res.stdout)
+    assert found and float(found[1]) > 0 and float(found[2]) > 0, res.stdout
