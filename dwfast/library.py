@@ -18,6 +18,7 @@ as torch.library's. One difference: `ctx.needs_input_grad` is per tensor of the 
 inputs (a list argument's tensors in order), so index 0 is the first argument when that is a
 tensor.
 """
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -25,14 +26,28 @@ import torch
 LIB = torch.library.Library("dwfast", "FRAGMENT")
 
 
+def _on_device(fn: Callable) -> Callable:
+    """`fn` run with its first argument's GPU as the current device: Triton launches on the
+    current device, which is GPU 0 unless the user set another, also when a model and its
+    inputs live on cuda:1 (a DDP rank that moved its model without torch.cuda.set_device)."""
+    @functools.wraps(fn)
+    def kernel(*args):
+        first = args[0]
+        if first.is_cuda:
+            with torch.cuda.device(first.device):
+                return fn(*args)
+        return fn(*args)
+    return kernel
+
+
 def custom_op(name: str, mutates_args: Sequence[str] = ()):
     """Define `dwfast::name` from the decorated function's annotations (torch.library's
-    infer_schema), with that function as its kernel for every device; the tensors it mutates
-    get their version counters bumped, as in-place ops do. Returns the op (an OpOverload: call
-    it like the function)."""
+    infer_schema), with that function as its kernel for every device, run on the device of its
+    first argument (a tensor); the tensors it mutates get their version counters bumped, as
+    in-place ops do. Returns the op (an OpOverload: call it like the function)."""
     def define(fn: Callable):
         LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
-        LIB.impl(name, fn, "CompositeExplicitAutograd")
+        LIB.impl(name, _on_device(fn), "CompositeExplicitAutograd")
         op = getattr(torch.ops.dwfast, name).default
         mutated = [i for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
         if mutated:
