@@ -740,7 +740,8 @@ def _linear_bwd_kernel(
         _dw_program(
             pid - DX_PROGRAMS - DW_PROGRAMS, z_ptr, z_ptr, stride_zm, stride_zm, vec_ptr, None, seed_ptr, drop_p,
             drop_scale, slope,
-            nx_gz_ptr, stride_nxm, 1, None, None, 0.0, 0.0, 0.0, nx_gz_ptr + _wide(M) * stride_nxm,
+            nx_gz_ptr, stride_nxm, 1, None, None, 0.0, 0.0, 0.0,
+            nx_gz_ptr + _wide(M) * stride_nxm if NX_SPLIT_GZ else None,
             nx_dw_ptr, nx_db_ptr, scratch_ptr + dw_part, tickets, M, N, NN, ld_n, ld_nn, NX_ROWS_PER_SPLIT,
             A_ACT_M, HAS_BN, ACT, DROPOUT, False, A_PLAIN, False, ACT_NONE, False, True, NX_HAS_BIAS, NX_SPLIT,
             NX_SPLIT_GZ, NX_BLOCK_M, NX_BLOCK_N, NX_BLOCK_K, PRECISION,
@@ -895,9 +896,12 @@ TILES = ((128, 128), (128, 64), (64, 128), (64, 64), (64, 32), (64, 16))
 NARROW_TILES = ((32, 16), (16, 16))
 
 
-def _largest(dtype: torch.dtype) -> int:
+def _largest(dtype: torch.dtype, accumulators: int = 1) -> int:
     # fp32 holds twice the bytes per element, and 3xTF32 splits each operand in two: 128 x 128
-    # tiles spill
+    # tiles spill; three accumulators (a split B operand, _gemm_core's SPLIT_B) in 128 x 64
+    # tiles spill the dX programs
+    if accumulators > 1:
+        return 64 * 64
     return 128 * 64 if dtype == torch.float32 else 128 * 128
 
 
@@ -929,8 +933,7 @@ def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.
     if config is not None:
         return tuple(config)
     accumulators = _accumulators(gemm, M, N, K, dtype)
-    # three accumulators (3xTF32) in 128 x 64 tiles spill the dX programs
-    fits = _fitting(M, N, _largest(dtype) if accumulators == 1 else 64 * 64)
+    fits = _fitting(M, N, _largest(dtype, accumulators))
     fits += NARROW_TILES if N <= 32 else ()
     sms = num_sms()
     block_m, block_n = next((t for t in fits if launch.cdiv(M, t[0]) * launch.cdiv(N, t[1]) >= sms), fits[-1])
@@ -1141,8 +1144,8 @@ def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, nar
         block_m, block_n, block_k, _, num_stages, splits = config
     else:
         sms = num_sms()
-        area = min(area, _largest(dtype) if accumulators == 1 else 64 * 64)
-        fits = [t for t in _fitting(DM, DN, area) if t[1] >= min(narrowest, DN)] or [TILES[-1]]
+        fits = [t for t in _fitting(DM, DN, min(area, _largest(dtype, accumulators))) if t[1] >= min(narrowest, DN)]
+        fits = fits or [TILES[-1]]
         wanted = [launch.cdiv(sms, launch.cdiv(DM, bm) * launch.cdiv(DN, bn)) for bm, bn in fits]
         i = next((i for i, n in enumerate(wanted) if n <= max(B // (4 * block_k), 1)), len(fits) - 1)
         (block_m, block_n), splits = fits[i], wanted[i]
