@@ -17,13 +17,13 @@ Host time: dwfast's step under the stand-in, where a launch costs its Python and
 to the driver call (a real launch adds the driver's own few microseconds), as the CPU time of
 the thread (median of steps), which other load on the machine disturbs less than wall time.
 Beside it, eager's step run for real on the CPU at 2 rows in fp32 (the CPU's 16-bit matmuls
-are slow): its ops' dispatch and a little arithmetic, about what eager's host spends per step
-on a GPU (less the driver calls). On a
-GPU a narrow-deep step takes the longer of its host time and its GPU time, so fusing must not
-cost the host more than eager does. With `--instructions`, both steps also run under
-`valgrind --tool=callgrind` (collection switched on around the steps only), which counts the
-instructions a step executes: repeatable to a fraction of a percent where CPU times on a
-shared machine move by tens of percent. These are counts and host times, not GPU timings.
+are slow) on one thread: its ops' dispatch and a little arithmetic, about what eager's host
+spends per step on a GPU (less the driver calls). On a GPU a narrow-deep step takes the longer
+of its host time and its GPU time, so fusing must not cost the host more than eager does.
+With `--instructions`, both steps also run under `valgrind --tool=callgrind` (collection
+switched on around the steps only), which counts the instructions a step executes:
+repeatable to a fraction of a percent where CPU times on a shared machine move by tens of
+percent. These are counts and host times, not GPU timings.
 
 Runs in a process without Triton's interpreter (``TRITON_INTERPRET`` unset).
 """
@@ -92,11 +92,27 @@ def dwfast_step(model, x, grad) -> Step:
         return Step(Counter(launch.name for launch in gpu.launches), ops)
 
 
+@contextlib.contextmanager
+def _host(standin: bool):
+    """Steps on the stand-in GPU, or run for real on one CPU thread, as eager's ops run from one
+    on a GPU (idle worker threads would be counted too)."""
+    if standin:
+        with standin_gpu():
+            yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def host_us(model, x, grad, steps: int = 20, standin: bool = True) -> float:
     """Median host microseconds of one training step of `model`: dwfast's on the stand-in GPU,
     or with `standin` False run for real on x's device."""
     times = []
-    with standin_gpu() if standin else contextlib.nullcontext():
+    with _host(standin):
         for _ in range(steps + 2):
             t0 = time.thread_time()  # this thread's CPU time: what the host spends, whatever else runs
             _step(model, x, grad)
@@ -110,7 +126,7 @@ def _counted_steps(model, x, grad, steps: int, standin: bool) -> None:
     --instr-atstart=no (instructions_per_step)."""
     def collect(state):
         subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True, capture_output=True)
-    with standin_gpu() if standin else contextlib.nullcontext():
+    with _host(standin):
         for _ in range(3):
             _step(model, x, grad)
         collect("on")
@@ -175,7 +191,6 @@ def main(argv=None):
     eager = model_and_data(*spec[:2], 64, *spec[3:])[1]
     host_eager = copy.deepcopy(eager).float(), x[:2].float(), grad[:2].float()  # eager's host time: 2 rows, fp32
     if args.count_in_child:
-        torch.set_num_threads(1)  # (idle worker threads would be counted too; eager on a GPU runs none)
         model, x, grad = (fused, x, grad) if args.count_in_child == "dwfast" else host_eager
         _counted_steps(model, x, grad, args.steps, standin=args.count_in_child == "dwfast")
         return
@@ -190,10 +205,7 @@ def main(argv=None):
     us = host_us(fused, x, grad, args.steps)
     print(f"dwfast host time: {us:.0f} us per step, {us / max(dw.total, 1):.1f} us per launch "
           "(stand-in GPU: Python and Triton work up to the driver call)")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as on a GPU, where eager's ops run no CPU threads
     us = host_us(*host_eager, args.steps, standin=False)
-    torch.set_num_threads(threads)
     print(f"eager host time: {us:.0f} us per step (run on the CPU at 2 rows, fp32: dispatch and a little arithmetic)")
     if args.instructions:
         child = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--instructions"]
