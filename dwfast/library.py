@@ -43,19 +43,25 @@ def _on_device(fn: Callable) -> Callable:
 def custom_op(name: str, mutates_args: Sequence[str] = ()):
     """Define `dwfast::name` from the decorated function's annotations (torch.library's
     infer_schema), with that function as its kernel for every device, run on the device of its
-    first argument (a tensor); the tensors it mutates get their version counters bumped, as
-    in-place ops do. Returns the op (an OpOverload: call it like the function)."""
+    first argument (a tensor); the tensors it mutates get their version counters bumped after
+    it, as in-place ops bump them. (In the kernel itself rather than in an ADInplaceOrView
+    kernel: a Python kernel there would convert every argument between Python and the
+    dispatcher twice more, and inference mode, which skips that key, bumps a normal tensor's
+    version as eager's in-place ops do.) Returns the op (an OpOverload: call it like the
+    function)."""
     def define(fn: Callable):
         LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
-        LIB.impl(name, _on_device(fn), "CompositeExplicitAutograd")
         op = getattr(torch.ops.dwfast, name).default
         mutated = [i for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        kernel = fn
         if mutated:
-            def bump_versions(keyset, *args):
+            @functools.wraps(fn)
+            def kernel(*args):
+                out = fn(*args)
                 for i in mutated:
                     torch.autograd.graph.increment_version(args[i])
-                return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
-            LIB.impl(name, bump_versions, "ADInplaceOrView", with_keyset=True)
+                return out
+        LIB.impl(name, _on_device(kernel), "CompositeExplicitAutograd")
         return op
     return define
 

@@ -17,15 +17,18 @@ and stay cheap to call: PyTorch's dispatch costs host time per argument, partly 
 their number.
 """
 import functools
+from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+import triton
 from torch import Tensor
 
 from . import distributed as D
 from . import kernels as K
 from . import library
 from . import reference as R
+from .kernels import tiles
 from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, state, updates_running_stats, uses_batch_stats
 
 assert (NO_BN, BATCH, FIXED) == (K.NO_BN, K.BATCH, K.FIXED)
@@ -82,45 +85,113 @@ def _expand(present: List[Tensor], flags) -> List[Optional[Tensor]]:
     return [next(it) if f else None for f in flags]
 
 
-def _norms(x, specs, weights, gammas, betas, vecs=None, running=None, num_batches=None) -> List[K.Norm]:
-    """Each block's BatchNorm for the kernels: new vector buffers unless `vecs` are given;
-    `running` = (running_means, running_vars, flags): the running statistics of the flagged
-    blocks; `num_batches`: the counters of the tracked blocks."""
-    gammas, betas = _expand(gammas, [s.has_gamma for s in specs]), _expand(betas, [s.has_beta for s in specs])
-    none = [None] * len(specs)
-    means, variances = (_expand(running[0], running[2]), _expand(running[1], running[2])) if running else (none, none)
-    counts = _expand(num_batches, [s.tracked for s in specs]) if num_batches is not None else none
-    norms = []
-    for i, s in enumerate(specs):
-        vec = vecs[i] if vecs is not None else K.new_vec(weights[i].shape[0], x.device)
-        norms.append(K.NO_NORM if s.bn_mode == NO_BN else K.Norm(
-            K.PARTIALS if s.sync else s.bn_mode, vec, gammas[i], betas[i], means[i], variances[i], counts[i], s.eps,
-            None if s.cumulative else s.momentum))
-    return norms
+@functools.lru_cache(maxsize=256)
+def _flags(specs: Tuple[Spec, ...]) -> Tuple[tuple, ...]:
+    """Per block, whether the ops' compact lists hold its bias, gamma, beta, running statistics
+    in chain_body (FIXED or tracked) and in chain_forward (FIXED), num_batches_tracked, seed."""
+    return (tuple(s.has_bias for s in specs), tuple(s.has_gamma for s in specs), tuple(s.has_beta for s in specs),
+            tuple(s.bn_mode == FIXED or s.tracked for s in specs), tuple(s.bn_mode == FIXED for s in specs),
+            tuple(s.tracked for s in specs), tuple(s.drop_p > 0 for s in specs))
 
 
-def _sites(specs, norms, seeds) -> List[K.Site]:
-    """Each block's activation site; `seeds` holds one entry per block with dropout."""
-    sites, k = [], 0
-    for s, n in zip(specs, norms):
-        sites.append(K.Site(n.vec, s.act, s.slope, s.drop_p, seeds[k:k + 1] if s.drop_p > 0 else None))
-        k += s.drop_p > 0
-    return sites
+# ---- plans
+#
+# The kernels' launchers are plans (kernels/fused_linear.py: "plans"), made once from the
+# layout of their arguments and called with each launch's tensors. The ops keep the plans of
+# every chain they run, keyed on what the plans read: the blocks' options; the dtype, shape,
+# strides and 16-byte alignment (Triton specialises on it) of the input, the weights and the
+# incoming gradient; of the activations the kernels pass each other also the room behind
+# their rows (storage offset and size); the dtype of the user's per-feature vectors (biases,
+# BatchNorm's parameters and statistics: kernels don't specialise on their alignment); torch's
+# fp32 matmul precision, the tile table and the GPU (the active Triton driver). Every other
+# tensor a chain's launches see is one the plans allocate, or a vector buffer or seed of
+# dwfast's own (fp32, int64). The first call of a key plans block by block as it runs (a plan
+# reads the layout of what the previous launch returned); later calls only launch.
+
+_PLANS: "OrderedDict[tuple, list]" = OrderedDict()
+_MAX_PLANS = 64  # chains x shapes kept (least recently used dropped): a few host microseconds each
 
 
-def _run(x, h, site, weights, biases, norms, sites, specs, start: int, zs=None) -> List[Tensor]:
-    """Blocks start.. of the chain on h (their input, a_{start-1} = `site`(h)): per block [z, vec]
-    (z written into `zs` when given). A synchronised block (mode PARTIALS) has its statistics
-    merged across its group between its GEMM and the next."""
+def _key(name, specs, extra, tensors, activations, vectors) -> tuple:
+    """A chain plan's key (above): its op, the blocks' options and `extra`, then what plans read
+    of `tensors`, `activations` and `vectors`, and the global state."""
+    driver = None if K.launch.INTERPRET else triton.runtime.driver.active
+    return (name, specs, extra, torch.get_float32_matmul_precision(), tiles.generation(), driver,
+            tuple([(t.dtype, t.shape, t.stride(), t.data_ptr() & 15) for t in tensors]),
+            tuple([(t.shape, t.stride(), t.storage_offset(), t.untyped_storage().nbytes(), t.data_ptr() & 15)
+                   for t in activations]),
+            tuple([t.dtype for t in vectors]))
+
+
+def _plans(key) -> Optional[list]:
+    plans = _PLANS.get(key)
+    if plans is not None:
+        _PLANS.move_to_end(key)
+    return plans
+
+
+def _keep(key, plans: list) -> None:
+    _PLANS[key] = plans
+    while len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+
+
+def _norm(s: Spec, vec, gamma, beta, running_mean=None, running_var=None, num_batches=None, uv=None) -> K.Norm:
+    """A block's BatchNorm for the kernels (planning, and the host side of synchronised blocks)."""
+    if s.bn_mode == NO_BN:
+        return K.NO_NORM
+    return K.Norm(K.PARTIALS if s.sync else s.bn_mode, vec, gamma, beta, running_mean, running_var, num_batches,
+                  s.eps, None if s.cumulative else s.momentum, uv)
+
+
+def _site(s: Spec, vec, seed) -> K.Site:
+    """A block's activation site for the kernels (planning)."""
+    return K.Site(vec, s.act, s.slope, s.drop_p, seed)
+
+
+def _forward(key, x, h, start: int, specs, weights, biases, vecs, gammas, betas, means, variances, counts, seeds,
+             zs=None, output: bool = False) -> List[Tensor]:
+    """Blocks start.. of the chain on h (their input: x, or the previous block's z): per block
+    [z, vec] (z written into `zs` when given), from per-block lists (None where a block has no
+    such tensor; `vecs` the blocks' BatchNorm vector buffers, filled here); with `output`,
+    [out] first (the last block's activation applied). A synchronised block (mode PARTIALS)
+    has its statistics merged across its group between its GEMM and the next."""
+    plans = _plans(key)
+    fresh = plans is None
+    if fresh:
+        plans = []
+    scratch = tickets = None
     saved = []
     for i in range(start, len(specs)):
-        # the next block's weight (in chain_body too: its aligned copy goes behind z's rows)
-        h, partials = K.linear_fwd(h, weights[i], biases[i], site, norms[i], out=zs[i] if zs else None,
-                                   next_weight=weights[i + 1] if i + 1 < len(weights) else None, chained=i > 0)
-        if partials is not None:
-            _synced_stats(partials, x.shape[0], norms[i], specs[i].sync)
-        site = sites[i]
-        saved += [h, norms[i].vec if norms[i].vec is not None else x.new_empty(0)]
+        s = specs[i]
+        nw = weights[i + 1] if i + 1 < len(weights) else None  # (in chain_body too: its copy goes behind z's rows)
+        prev = i - 1 if i > 0 else None  # the block whose activation this one applies on load
+        in_vec, in_seed = (vecs[prev], seeds[prev]) if prev is not None else (None, None)
+        if fresh:
+            site_in = _site(specs[prev], in_vec, in_seed) if prev is not None else K.NO_SITE
+            norm = _norm(s, vecs[i], gammas[i], betas[i], means[i], variances[i], counts[i])
+            plans.append(K.LinearFwd(h, weights[i], biases[i], site_in, norm, zs[i] if zs else None, nw, i > 0))
+        plan = plans[i - start]
+        if scratch is None or plan.scratch > scratch.numel() or plan.tickets > tickets.numel():
+            scratch, tickets = K.launch.scratch(x.device, plan.scratch), K.launch.tickets(x.device, plan.tickets)
+        h = plan(h, weights[i], biases[i], in_vec, in_seed, vecs[i], gammas[i], betas[i], means[i], variances[i],
+                 counts[i], nw, scratch, tickets, zs[i] if zs else None)
+        if s.sync:
+            _synced_stats(plan.partials(scratch), x.shape[0],
+                          _norm(s, vecs[i], gammas[i], betas[i], means[i], variances[i], counts[i]), s.sync)
+        saved += [h, vecs[i] if vecs[i] is not None else x.new_empty(0)]
+    if output:
+        last = specs[-1]
+        if last.bn_mode == NO_BN and not last.act and not last.drop_p:
+            saved[-_PER_BLOCK] = x.new_empty(0)  # out is z itself: an op's outputs may not alias
+            out = h
+        else:
+            if fresh:
+                plans.append(K.ActFwd(h, _site(last, vecs[-1], seeds[-1])))
+            out = plans[-1](h, vecs[-1], seeds[-1])
+        saved.insert(0, out)
+    if fresh:
+        _keep(key, plans)
     return saved
 
 
@@ -140,7 +211,7 @@ def new_saved(x, weights, specs) -> List[Tensor]:
 def chain_body(
     x: Tensor, zs: List[Tensor], vecs: List[Tensor], weights: List[Tensor], biases: List[Tensor],
     gammas: List[Tensor], betas: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
-    num_batches: List[Tensor], seeds: Tensor, ints: List[int], floats: List[float],
+    num_batches: List[Tensor], seeds: List[Tensor], ints: List[int], floats: List[float],
 ) -> None:
     """The given blocks (the chain's first ones): writes each block's z into `zs` [B, N] and
     its BatchNorm vectors into `vecs` ([VEC_ROWS, N] fp32; empty without BatchNorm), and updates
@@ -152,13 +223,15 @@ def chain_body(
     when there is one (whose aligned copy goes behind the last z, kernels.new_activation).
     `biases` of the blocks with `has_bias`, `gammas`/`betas` of those with `has_gamma`/`has_beta`;
     `running_means`/`running_vars` of the FIXED and the tracked blocks, `num_batches` of the
-    tracked ones. Dropout masks are keyed on `seeds` (int64, one per block with dropout).
+    tracked ones. Dropout masks are keyed on `seeds` (int64 [1] each, one per block with dropout).
     """
     specs = unpack(ints, floats)
-    running = (running_means, running_vars, [s.bn_mode == FIXED or s.tracked for s in specs])
-    norms = _norms(x, specs, weights, gammas, betas, vecs, running, num_batches)
-    sites = _sites(specs, norms, seeds)
-    _run(x, x, K.NO_SITE, weights, _expand(biases, [s.has_bias for s in specs]), norms, sites, specs, 0, zs)
+    key = _key("body", specs, None, (x, *weights), zs, (*biases, *gammas, *betas, *running_means, *running_vars))
+    has_bias, has_gamma, has_beta, running, _, tracked, dropout = _flags(specs)
+    vecs = [v if s.bn_mode != NO_BN else None for v, s in zip(vecs, specs)]
+    _forward(key, x, x, 0, specs, weights, _expand(biases, has_bias), vecs, _expand(gammas, has_gamma),
+             _expand(betas, has_beta), _expand(running_means, running), _expand(running_vars, running),
+             _expand(num_batches, tracked), _expand(seeds, dropout), zs)
 
 
 def _chain_body_fake(x, zs, vecs, weights, biases, gammas, betas, running_means, running_vars, num_batches, seeds,
@@ -172,8 +245,8 @@ library.register_fake(chain_body, _chain_body_fake)
 @library.custom_op("chain_forward")
 def chain_forward(
     x: Tensor, body: List[Tensor], weights: List[Tensor], biases: List[Tensor], gammas: List[Tensor],
-    betas: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor], seeds: Tensor, ints: List[int],
-    floats: List[float],
+    betas: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor], seeds: List[Tensor],
+    ints: List[int], floats: List[float],
 ) -> List[Tensor]:
     """[out] + per block [z, vec] of the blocks after `body` (chain_body's zs and vecs,
     interleaved, for the chain's first len(body) / 2 blocks, whose running statistics are not
@@ -185,18 +258,15 @@ def chain_forward(
     """
     specs = unpack(ints, floats)
     start = len(body) // _PER_BLOCK
-    vecs = body[1::_PER_BLOCK] + [K.new_vec(w.shape[0], x.device) if s.bn_mode != NO_BN else None
-                                  for w, s in zip(weights[start:], specs[start:])]
-    norms = _norms(x, specs, weights, gammas, betas, vecs, (running_means, running_vars,
-                                                           [s.bn_mode == FIXED for s in specs]))
-    sites = _sites(specs, norms, seeds)
-    h, site = (body[-_PER_BLOCK], sites[start - 1]) if start else (x, K.NO_SITE)
-    saved = _run(x, h, site, weights, _expand(biases, [s.has_bias for s in specs]), norms, sites, specs, start)
-    z_last = saved[-_PER_BLOCK] if saved else body[-_PER_BLOCK]
-    if sites[-1].identity:
-        saved[-_PER_BLOCK] = x.new_empty(0)  # out is z itself: an op's outputs may not alias
-        return [z_last] + saved
-    return [K.act_fwd(z_last, sites[-1])] + saved
+    key = _key("forward", specs, start, (x, *weights), body[0::_PER_BLOCK],
+               (*biases, *gammas, *betas, *running_means, *running_vars))
+    has_bias, has_gamma, has_beta, _, fixed, _, dropout = _flags(specs)
+    vecs = [v if s.bn_mode != NO_BN else None for v, s in zip(body[1::_PER_BLOCK], specs)]
+    vecs += [K.new_vec(w.shape[0], x.device) if s.bn_mode != NO_BN else None
+             for w, s in zip(weights[start:], specs[start:])]
+    return _forward(key, x, body[-_PER_BLOCK] if start else x, start, specs, weights, _expand(biases, has_bias),
+                    vecs, _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(running_means, fixed),
+                    _expand(running_vars, fixed), [None] * len(specs), _expand(seeds, dropout), output=True)
 
 
 def _chain_forward_fake(x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, ints, floats):
@@ -257,37 +327,71 @@ def _synced_grads(partials, M: int, norm: K.Norm, sync: int):
 @library.custom_op("chain_backward")
 def chain_backward(
     grad_out: Tensor, x: Tensor, weights: List[Tensor], saved: List[Tensor], gammas: List[Tensor],
-    betas: List[Tensor], seeds: Tensor, ints: List[int], floats: List[float], input_grad: bool,
+    betas: List[Tensor], seeds: List[Tensor], ints: List[int], floats: List[float], input_grad: bool,
 ) -> List[Tensor]:
     """[grad_x] + per block [dW, db, dgamma, dbeta] (empty where there is none), from the saved
     per-block [z, vec] of chain_body and chain_forward; gradients come out in their parameters'
     dtypes."""
     specs = unpack(ints, floats)
     M, L = x.shape[0], len(weights)
-    zs = saved[0::_PER_BLOCK]
-    norms = _norms(x, specs, weights, gammas, betas, vecs=saved[1::_PER_BLOCK])
-    norms = [n if n.mode == NO_BN else n._replace(uv=K.new_uv(n.vec.shape[1], x.device)) for n in norms]
-    sites = _sites(specs, norms, seeds)
+    g_y = grad_out.contiguous()
+    zs, vecs = saved[0::_PER_BLOCK], saved[1::_PER_BLOCK]
+    key = _key("backward", specs, input_grad, (g_y, x, *weights), zs, (*gammas, *betas))
+    _, has_gamma, has_beta, _, _, _, dropout = _flags(specs)
+    vecs = [v if s.bn_mode != NO_BN else None for v, s in zip(vecs, specs)]
+    gammas, betas, seeds = _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(seeds, dropout)
+    plans = _plans(key)
+    fresh = plans is None
+    if fresh:
+        plans = []
+        norms = [_norm(s, v, g, b) for s, v, g, b in zip(specs, vecs, gammas, betas)]
+        sites = [_site(s, v, seed) for s, v, seed in zip(specs, vecs, seeds)]
     grads = [None] * (1 + 4 * L)  # (empty tensors where None is left)
+    scratch = tickets = None
 
-    def bn_grads(i, dgamma, dbeta, partials):
+    def buffers(plan):
+        nonlocal scratch, tickets
+        if scratch is None or plan.scratch > scratch.numel() or plan.tickets > tickets.numel():
+            scratch, tickets = K.launch.scratch(x.device, plan.scratch), K.launch.tickets(x.device, plan.tickets)
+
+    def bn_grads(i, dgamma, dbeta, uv, partials):
         if partials is not None:
-            dgamma, dbeta = _synced_grads(partials, M, norms[i], specs[i].sync)
+            dgamma, dbeta = _synced_grads(partials, M, _norm(specs[i], vecs[i], gammas[i], betas[i], uv=uv),
+                                          specs[i].sync)
         grads[3 + 4 * i: 5 + 4 * i] = [dgamma, dbeta]
 
-    g_y = grad_out.contiguous()
-    if not sites[-1].identity:
-        g_y, dgamma, dbeta, partials = K.act_bwd(g_y, zs[-1], sites[-1], norms[-1])
-        bn_grads(L - 1, dgamma, dbeta, partials)
+    uv = None  # u, v of the block whose backward runs next
+    last = specs[-1]
+    if last.bn_mode != NO_BN or last.act or last.drop_p:  # the last activation's backward
+        if fresh:
+            plans.append(K.ActBwd(g_y, zs[-1], sites[-1], norms[-1]))
+        plan = plans[0]
+        buffers(plan)
+        g_y, dgamma, dbeta, uv = plan(g_y, zs[-1], vecs[-1], seeds[-1], gammas[-1], betas[-1], scratch, tickets)
+        bn_grads(L - 1, dgamma, dbeta, uv, plan.partials(scratch))
+    first = len(plans) if fresh else (len(plans) - L)  # where the blocks' plans start (after ActBwd's)
     later = None  # a block's dW that its launch left to the next one (kernels.linear_bwd)
+    later_plan = None  # (planning) that block's DeferredDW
     for i in reversed(range(L)):
-        site_in, norm_in, h = (sites[i - 1], norms[i - 1], zs[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM, x)
-        g_y, dw, db, dgamma, dbeta, partials, later = K.linear_bwd(
-            g_y, zs[i] if zs[i].numel() else g_y, weights[i], norms[i], h, site_in, norm_in,
-            input_grad=i > 0 or input_grad, has_bias=specs[i].has_bias, chained=i > 0, deferred=later, defer=i > 0)
+        z = zs[i] if zs[i].numel() else g_y  # (empty: the chain's output was z itself)
+        h, in_vec, in_seed, in_gamma, in_beta = ((zs[i - 1], vecs[i - 1], seeds[i - 1], gammas[i - 1], betas[i - 1])
+                                                 if i > 0 else (x, None, None, None, None))
+        if fresh:
+            site_in, norm_in = (sites[i - 1], norms[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM)
+            plans.append(K.LinearBwd(g_y, z, weights[i], norms[i], h, site_in, norm_in, i > 0 or input_grad,
+                                     specs[i].has_bias, i > 0, later_plan, i > 0))
+        plan = plans[first + L - 1 - i]
+        buffers(plan)
+        g_y, dw, db, dgamma, dbeta, uv_in, later = plan(g_y, z, weights[i], vecs[i], uv, h, in_vec, in_seed, in_gamma,
+                                                        in_beta, seeds[i], later, scratch, tickets)
+        if fresh:
+            later_plan = K.DeferredDW(*later, h, site_in, plan.split_gz) if later is not None else None
         grads[1 + 4 * i: 3 + 4 * i] = [dw, db]
         if i > 0:
-            bn_grads(i - 1, dgamma, dbeta, partials)
+            bn_grads(i - 1, dgamma, dbeta, uv_in, plan.partials(scratch))
+        uv = uv_in
+    if fresh:
+        _keep(key, plans)
     if input_grad:
         grads[0] = g_y
     return [g if g is not None else x.new_empty(0) for g in grads]
@@ -309,28 +413,30 @@ library.register_fake(chain_backward, _chain_backward_fake)
 def _setup_context(ctx, inputs, output):
     x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, ints, floats = inputs
     # biases and the FIXED blocks' running statistics: for the differentiable recomputation only
-    ctx.save_for_backward(x, seeds, *weights, *gammas, *betas, *biases, *running_means, *running_vars, *body,
+    ctx.save_for_backward(x, *seeds, *weights, *gammas, *betas, *biases, *running_means, *running_vars, *body,
                           *output[1:])
     ctx.set_materialize_grads(False)  # the saved outputs take no gradient: no zeros for them
     ctx.ints, ctx.floats = ints, floats
-    ctx.sizes = len(body), len(weights), len(biases), len(gammas), len(betas), len(running_means)
+    ctx.sizes = len(seeds), len(body), len(weights), len(biases), len(gammas), len(betas), len(running_means)
 
 
 def _backward(ctx, grads):
-    n_body, L, n_bias, n_gamma, n_beta, n_fixed = ctx.sizes
+    n_seeds, n_body, L, n_bias, n_gamma, n_beta, n_fixed = ctx.sizes
     grad_out = grads[0]
     no_grads = [None] * n_body, [None] * n_fixed, [None] * n_fixed
     if grad_out is None:
         return (None, no_grads[0], None, None, None, None, *no_grads[1:], None, None, None)
-    x, seeds, *rest = ctx.saved_tensors
-    sizes = [L, n_gamma, n_beta, n_bias, n_fixed, n_fixed]
-    weights, gammas, betas, biases, running_means, running_vars = (
-        list(rest[sum(sizes[:i]):sum(sizes[:i + 1])]) for i in range(len(sizes)))
+    saved = ctx.saved_tensors
+    x = saved[0]
+    sizes = [n_seeds, L, n_gamma, n_beta, n_bias, n_fixed, n_fixed]
+    seeds, weights, gammas, betas, biases, running_means, running_vars = (
+        list(saved[1 + sum(sizes[:i]):1 + sum(sizes[:i + 1])]) for i in range(len(sizes)))
+    rest = saved[1 + sum(sizes):]
     if R.differentiable(grad_out):  # create_graph=True or batched: chain_backward has no autograd
         d_x, d_w, d_b, d_gamma, d_beta = _reference_backward(unpack(ctx.ints, ctx.floats), grad_out, x, seeds, weights,
                                                              biases, gammas, betas, running_means, running_vars)
     else:
-        out = chain_backward(grad_out, x, weights, list(rest[sum(sizes):]), gammas, betas, seeds, ctx.ints,
+        out = chain_backward(grad_out, x, weights, list(rest), gammas, betas, seeds, ctx.ints,
                              ctx.floats, ctx.needs_input_grad[0])
         per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
         specs = unpack(ctx.ints, ctx.floats)
@@ -410,7 +516,6 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
             slope, drop_p, float(bn.eps) if bn is not None else 0.0, float(bn.momentum or 0.0) if bn else 0.0))
     x = lin_cast(x)
     seeds = [draw_seed(x.device) for s in specs if s.drop_p > 0]
-    seeds = torch.cat(seeds) if seeds else x.new_empty(0, dtype=torch.int64)  # (cat: one launch, with dropout)
     ints, floats = pack(specs)
 
     # the blocks up to the last one that updates running statistics run in chain_body

@@ -39,7 +39,7 @@ _ACTS = {
 def chain_reference(
     x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], gammas: Sequence[Optional[Tensor]],
     betas: Sequence[Optional[Tensor]], running_means: Sequence[Optional[Tensor]],
-    running_vars: Sequence[Optional[Tensor]], seeds: Tensor, bn_modes: Sequence[int], acts: Sequence[int],
+    running_vars: Sequence[Optional[Tensor]], seeds: Sequence[Tensor], bn_modes: Sequence[int], acts: Sequence[int],
     slopes: Sequence[float], drop_ps: Sequence[float], eps: Sequence[float],
 ) -> Tensor:
     """The fused chain's output, recomputed differentiably: per block (lists hold one entry
@@ -51,10 +51,10 @@ def chain_reference(
         h = (act(y) * dropout factors).to(x.dtype)             act from acts[i], slopes[i]
 
     Dropout factors are the kernels' own (``kernels.dropout_scale``), keyed on the next entry
-    of `seeds` for each block with ``drop_ps[i] > 0``. Running statistics are read, never
-    updated: the fused forward already did. Returns the last block's h ([batch, out]).
+    of `seeds` (int64 [1] each) for each block with ``drop_ps[i] > 0``. Running statistics are
+    read, never updated: the fused forward already did. Returns the last block's h ([batch, out]).
     """
-    seed = iter(seeds.split(1))
+    seed = iter(seeds)
     h = x
     for i, w in enumerate(weights):
         z = F.linear(h, w, biases[i])
@@ -88,7 +88,7 @@ def mlp_reference(x: Tensor, w_in: Tensor, w_hid: Tensor, w_out: Tensor, b_hid: 
     acts = [K.ACTIVATIONS["relu" if hid_relu else "none"]] * (L - 1)
     acts.append(K.ACTIVATIONS["relu" if out_relu else "none"])
     none = [None] * L
-    return chain_reference(x, weights, [*b_hid.unbind(0), b_out], none, none, none, none, x.new_empty(0),
+    return chain_reference(x, weights, [*b_hid.unbind(0), b_out], none, none, none, none, [],
                            [NO_BN] * L, acts, [0.0] * L, [0.0] * L, [0.0] * L)
 
 

@@ -75,13 +75,13 @@ Every site that applies a block's activation takes the same argument group:
     seed_ptr, drop_p, drop_scale       dropout: int64 seed on the device, p, 1 / (1 - p)
     slope                              LeakyReLU's negative slope
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import launch, tiles
+from . import launch
 from .batchnorm import (VEC_CENTER, VEC_ROWS, VEC_RSTD, VEC_SCALE, VEC_SHIFT, _finalize_grad, _finalize_stats,
                         _fixed_vectors, _grad_partials, _stats_partials, _ticket)
 from .tiles import lookup as table_config
@@ -467,7 +467,24 @@ def _copy_padded(src_ptr, stride_r, stride_c, rows, cols, dst_ptr, ld, program, 
         tl.store(dst_ptr + idx, v, mask=idx < total)
 
 
-@triton.jit
+# Per-feature vectors (biases, BatchNorm's parameters, statistics and vector buffers, dropout
+# seeds) are read once per tile: their pointers' 16-byte alignment is not specialised on, so a
+# launch plan need not be keyed on it (dwfast.ops: plans).
+_VECTORS = ("bias_ptr", "in_vec_ptr", "in_seed_ptr", "vec_ptr", "gamma_ptr", "beta_ptr", "run_mean_ptr",
+            "run_var_ptr", "nbt_ptr", "uv_ptr", "in_dgamma_ptr", "in_dbeta_ptr", "in_uv_ptr", "db_ptr", "seed_ptr",
+            "nx_db_ptr", "dgamma_ptr", "dbeta_ptr")
+
+
+def _vectors_of(fn):
+    """`fn`'s vector pointer parameters (_VECTORS), for triton.jit's do_not_specialize_on_alignment."""
+    return [name for name in fn.__code__.co_varnames[:fn.__code__.co_argcount] if name in _VECTORS]
+
+
+def _kernel(fn):
+    return triton.jit(fn, do_not_specialize_on_alignment=_vectors_of(fn))
+
+
+@_kernel
 def _linear_fwd_kernel(
     # pointers: z = act_in(x) @ W^T + b
     x_ptr, w_ptr, bias_ptr, z_ptr,
@@ -485,11 +502,14 @@ def _linear_fwd_kernel(
     # meta-parameters
     IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, BN_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, COPY_NEXT: tl.constexpr, SPLIT_W: tl.constexpr,
+    RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, COPY_NEXT: tl.constexpr, W_COPY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """z = act_in(x) @ W^T + b, and this block's BatchNorm vectors (see the module docstring).
-    SPLIT_W: W is a split copy, its low part right behind it (_gemm_core's SPLIT_B)."""
+    W_COPY: W is read through its aligned copy behind x's rows (1; the strides are the copy's) or
+    its TF32 split there, the low part right behind it (2: _gemm_core's SPLIT_B)."""
+    if W_COPY:
+        w_ptr = x_ptr + _wide(M) * stride_xm
     row_tiles = tl.cdiv(M, BLOCK_M)
     col_tiles = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), row_tiles, col_tiles)
@@ -502,7 +522,7 @@ def _linear_fwd_kernel(
         None, 0, 0, None,
         offs_m, offs_n, M, N, 0, K, M, ld_xk, ld_wk, N,
         IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False,
-        A_PLAIN, False, ACT_NONE, False, False, False, False, SPLIT_W,
+        A_PLAIN, False, ACT_NONE, False, False, False, False, W_COPY == 2,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     mask_m = offs_m < M
@@ -537,13 +557,15 @@ def _dx_program(
     in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, g_part_ptr, ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
     IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr, STORE_GZ: tl.constexpr,
-    SPLIT_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_COPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dX tile `pid` (grouped order over [M, K]): g_y_{l-1} = act_in'(g_z @ W), its partials and
     the previous block's BatchNorm gradients (module docstring); with STORE_GZ the first
     column tile's programs also store the g_z they build, for the next launch's dW (2: its
-    TF32 split, the low part M rows behind). SPLIT_W as the forward's."""
+    TF32 split, the low part M rows behind). W_COPY as the forward's."""
+    if W_COPY:
+        w_ptr = x_ptr + _wide(M) * stride_xm
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -554,7 +576,7 @@ def _dx_program(
         gz_ptr, stride_gzm, tl.where(pid_n == 0, M, 0), gz_lo_ptr,
         offs_m, offs_n, M, K, 0, N, M, ld_n, N, ld_wk,
         A_GRAD_K if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
-        A_PLAIN, False, ACT_NONE, False, False, False, STORE_GZ, SPLIT_W,
+        A_PLAIN, False, ACT_NONE, False, False, False, STORE_GZ, W_COPY == 2,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     _grad_epilogue(
@@ -661,7 +683,7 @@ def _dw_tiles(N, K, DW_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
     return tiles
 
 
-@triton.jit
+@_kernel
 def _linear_bwd_kernel(
     # this block: g_y and z [M, N], its vectors and u, v, its weight W [N, K] (or W's aligned copy)
     g_y_ptr, z_ptr, vec_ptr, uv_ptr, w_ptr,
@@ -691,7 +713,7 @@ def _linear_bwd_kernel(
     HAS_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
     IN_MODE: tl.constexpr, IN_BN: tl.constexpr, IN_ACT: tl.constexpr, IN_DROPOUT: tl.constexpr,
     HAS_DX: tl.constexpr, IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
-    SPLIT_W: tl.constexpr, DW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    W_COPY: tl.constexpr, DW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     NEXT: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, NX_HAS_BIAS: tl.constexpr, NX_SPLIT: tl.constexpr,
     SPLIT_GZ: tl.constexpr, NX_SPLIT_GZ: tl.constexpr,
     DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
@@ -699,7 +721,7 @@ def _linear_bwd_kernel(
     NX_BLOCK_M: tl.constexpr, NX_BLOCK_N: tl.constexpr, NX_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One block's backward: the dX programs, this block's dW programs and the next block's
-    (module docstring). SPLIT_W: W is a split copy (the forward's SPLIT_W)."""
+    (module docstring). W_COPY as the forward's (the dX programs read W)."""
     pid = tl.program_id(0)
     if pid < DX_PROGRAMS:
         if HAS_DX:  # (not compiled when the launch has no dX programs: fewer registers)
@@ -711,7 +733,7 @@ def _linear_bwd_kernel(
                 in_dbeta_ptr, in_uv_ptr, g_in_ptr, stride_gim, gz_ptr, stride_gzm, scratch_ptr + dw_part + nx_part,
                 ticket_ptr, M, N, K, ld_n, ld_wk, ld_gk,
                 HAS_BN, BATCH_STATS, IN_ACT, IN_DROPOUT, IN_BN_MODE, IN_HAS_GAMMA, IN_HAS_BETA,
-                (2 if SPLIT_GZ else 1) if DW_MODE == DW_DEFERRED else 0, SPLIT_W, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K,
+                (2 if SPLIT_GZ else 1) if DW_MODE == DW_DEFERRED else 0, W_COPY, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K,
                 PRECISION,
             )
     elif pid < DX_PROGRAMS + DW_PROGRAMS:
@@ -748,7 +770,7 @@ def _linear_bwd_kernel(
         )
 
 
-@triton.jit
+@_kernel
 def _act_fwd_kernel(
     z_ptr, a_ptr, vec_ptr, seed_ptr, drop_p, drop_scale, slope, M, N, stride_zm,
     BN: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -766,7 +788,7 @@ def _act_fwd_kernel(
     tl.store(a_ptr + rows * N + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_kernel
 def _act_bwd_kernel(
     g_ptr, stride_gm, stride_gn, z_ptr, stride_zm, vec_ptr, seed_ptr, drop_p, drop_scale, slope, dgamma_ptr,
     dbeta_ptr, uv_ptr, g_y_ptr, stride_ym, ld_n, part_ptr, ticket_ptr, M, N,
@@ -856,11 +878,6 @@ def _drop_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
-def _site(site: Site) -> tuple:
-    """The runtime arguments of an activation site, in kernel order."""
-    return site.vec, site.seed, float(site.drop_p), _drop_scale(site.drop_p), float(site.slope)
-
-
 def _interpreting() -> bool:
     return launch.INTERPRET
 
@@ -905,25 +922,6 @@ def _largest(dtype: torch.dtype, accumulators: int = 1) -> int:
     return 128 * 64 if dtype == torch.float32 else 128 * 128
 
 
-def _per_shape(plan):
-    """`plan` (a launch plan: a function of its arguments, torch's fp32 matmul precision, the
-    tile table and the GPU of the active driver) made once per arguments: planning every launch
-    anew costs host time of the order of the launch itself."""
-    made = {}
-
-    def cached(*args):
-        # (the driver object itself: a stand-in for another GPU is another driver; the
-        # interpreter has none, and plans without one)
-        driver = None if launch.INTERPRET else triton.runtime.driver.active
-        key = (args, torch.get_float32_matmul_precision(), tiles.generation(), driver)
-        found = made.get(key)
-        if found is None:
-            found = made[key] = plan(*args)
-        return found
-    return cached
-
-
-@_per_shape
 def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the `gemm` ("fwd", "dx": see
     tiles.py) of an M x N output over K: the tile table's, else the heuristic's."""
@@ -981,15 +979,16 @@ def _warps(area: int) -> int:
 # copy costs no launch of its own: the launch before the block's forward, the previous block's
 # forward, writes it behind the rows of the z it produces, which is the block's input x
 # (`new_activation(..., next_weight)`, `linear_fwd(..., next_weight=...)`); the block's forward
-# and its backward's dX read it there (`chained=True`). Chains' first blocks read their weight
-# as it is (their input is the user's, unpadded, anyway). A z without the room (a copy of one
-# that torch.compile made, say) just reads the weight as it is.
+# and its backward's dX read it there, at x's row M (`chained=True`; the kernels' W_COPY).
+# Chains' first blocks read their weight as it is (their input is the user's, unpadded,
+# anyway). A z without the room (a copy of one that torch.compile made, say) just reads the
+# weight as it is.
 #
 # fp32 at "highest" (3xTF32) takes two copies of every such weight, aligned or not, where they
 # take no more memory than the z (_copies): its TF32 part and the remainder, which _gemm_core's
 # SPLIT_B loads as two operands that the main loop pipelines (Triton's own "tf32x3" splits B
 # inside the loop and waits for every MMA). The copies a z carries are what its room says
-# (_weight_copy), so the backward reads what the forward wrote even if the matmul precision
+# (_weight_copies), so the backward reads what the forward wrote even if the matmul precision
 # changed in between.
 
 ALIGN = 16
@@ -1008,7 +1007,7 @@ def _aligned(weight) -> bool:
 def _fp32_split() -> bool:
     """Whether fp32 GEMMs run 3xTF32 (matmul precision "highest"): a constant to torch.compile,
     which cannot trace the query. (Harmless if it changes later: the kernels read the copies a z
-    has room for, _weight_copy, and the forward writes them.)"""
+    has room for, _weight_copies, and the forward writes them.)"""
     return torch.get_float32_matmul_precision() == "highest"
 
 
@@ -1023,31 +1022,38 @@ def _copies(rows: int, like: torch.Tensor, weight: torch.Tensor) -> int:
     return 0 if _aligned(weight) else 1
 
 
+def _rows(like: torch.Tensor, M: int, N: int, ld: int, size: int) -> torch.Tensor:
+    """An uninitialised [M, N] tensor (like's dtype and device) whose rows lie `ld` apart at
+    the start of a buffer of `size` elements: one allocation (host time)."""
+    if size == M * N:
+        return like.new_empty(M, N)
+    return like.new_empty(size).as_strided((M, N), (ld, 1))
+
+
+def _activation(M: int, N: int, like: torch.Tensor, next_weight: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(copies, size) of a new z [M, N]: how many copies of `next_weight` it carries (_copies),
+    and its buffer's elements (M rows padded to 16 elements, then the copies)."""
+    copies = _copies(M, like, next_weight) if next_weight is not None else 0
+    return copies, (M + copies * (next_weight.shape[0] if copies else 0)) * _pad(N)
+
+
 def new_activation(M: int, N: int, like: torch.Tensor, next_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """An uninitialised z [M, N] (like's dtype and device) for a block whose output another
     block reads: rows padded to 16 elements, and behind them room for the copies of
     `next_weight` (that block's weight) that _copies asks for."""
-    ld = _pad(N)
-    copies = _copies(M, like, next_weight) if next_weight is not None else 0
-    if not copies:  # (the common case in fewer tensor ops: host time)
-        z = like.new_empty(M, ld)
-        return z if ld == N else z[:, :N]
-    return like.new_empty(M * ld + copies * next_weight.shape[0] * ld)[:M * ld].view(M, ld)[:, :N]
+    return _rows(like, M, N, _pad(N), _activation(M, N, like, next_weight)[1])
 
 
-def _weight_copy(x: torch.Tensor, weight: torch.Tensor):
-    """(copy, split): the aligned copy of `weight` behind the rows of x (a z from
-    new_activation), and whether it is the TF32 split (the low part right behind it), as the
-    room x has says (so what a forward wrote is what its backward reads, whatever the matmul
-    precision is by then); (None, False) where x has no room."""
+def _weight_copies(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """How many copies of `weight` the room behind the rows of x (a z from new_activation)
+    holds, as its size says (so what a forward wrote is what its backward reads, whatever the
+    matmul precision is by then): 2 for its TF32 split (the low part right behind the high
+    part), 1 for its aligned copy, 0 where x has no room. Kernels find them at x's row M."""
     ld = _pad(weight.shape[1])
     if x.stride() != (ld, 1):
-        return None, False
+        return 0
     room = x.untyped_storage().nbytes() // x.element_size() - (x.storage_offset() + x.shape[0] * ld)
-    copies = min(2, room // (weight.shape[0] * ld))
-    if copies < 1:
-        return None, False
-    return x.as_strided(weight.shape[:1] + (ld,), (ld, 1), x.storage_offset() + x.shape[0] * ld), copies == 2
+    return max(0, min(2, room // (weight.shape[0] * ld)))
 
 
 def _ld(t: torch.Tensor, n: int) -> int:
@@ -1057,6 +1063,80 @@ def _ld(t: torch.Tensor, n: int) -> int:
     if ld == n or t.stride(1) != 1 or ld != _pad(n):
         return n
     return ld if (t.storage_offset() + t.shape[0] * ld) * t.element_size() <= t.untyped_storage().nbytes() else n
+
+
+# ---- plans
+#
+# Each launcher is a plan, made once from its arguments' layout (shapes, strides, dtypes, the
+# room behind padded rows, the options), and called with the tensors of each launch: what a
+# launch computes from shapes (tiles, grid, bounds, constexprs, what it allocates) costs host
+# time of the order of the launch itself. A plan holds for any tensors laid out like those it
+# was made from: dwfast.ops keeps its chains' plans keyed on every tensor's layout and 16-byte
+# alignment. `linear_fwd`, `linear_bwd`, `act_fwd` and `act_bwd` plan and launch in one call.
+# A call takes the scratch and ticket buffers (launch.scratch, launch.tickets) of at least the
+# plan's `scratch` and `tickets` elements: one fetch per chain serves all its launches.
+
+
+def _buffers(device, plan):
+    return launch.scratch(device, plan.scratch), launch.tickets(device, plan.tickets)
+
+
+class LinearFwd:
+    """linear_fwd's plan; called with (x, weight, bias, in_vec, in_seed, vec, gamma, beta,
+    running_mean, running_var, num_batches, next_weight, scratch, tickets[, out]), site_in's and
+    norm's tensors among them, it returns z."""
+
+    def __init__(self, x, weight, bias, site_in: Site, norm: Norm, out, next_weight, chained: bool):
+        M, K = x.shape
+        N = weight.shape[0]
+        if out is not None:  # z written into out, as laid out
+            self.size, ld_z, stride_zm = None, _ld(out, N), out.stride(0)
+            copy_next = _weight_copies(out, next_weight) if next_weight is not None else 0
+        elif next_weight is not None:  # a z the next block reads: padded rows, its weight's copies
+            (copy_next, self.size), ld_z = _activation(M, N, x, next_weight), _pad(N)
+            stride_zm = ld_z
+        else:
+            copy_next, self.size, ld_z, stride_zm = 0, M * N, N, N
+        self.M, self.N, self.ld_z = M, N, ld_z
+        w_copy = _weight_copies(x, weight) if chained else 0  # this block's weight, read behind x
+        stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
+        block_m, block_n, block_k, num_warps, num_stages = _tiles("fwd", M, N, K, x.dtype, x.device)
+        row_tiles, col_tiles = launch.cdiv(M, block_m), launch.cdiv(N, block_n)
+        mode = norm.mode
+        self.mode, self.row_tiles, self.block_m = mode, row_tiles, block_m
+        self.scratch = 3 * row_tiles * N if mode in (BATCH, PARTIALS) else 0
+        self.tickets = col_tiles + 1 if mode == BATCH else 0
+        self.running = mode == BATCH and norm.running_mean is not None
+        self.copy_next = copy_next
+        nw = next_weight if copy_next else None
+        self.scalars_in = (float(site_in.drop_p), _drop_scale(site_in.drop_p), float(site_in.slope))
+        self.scalars_bn = (float(norm.eps), float(norm.momentum or 0.0))
+        self.sizes = (nw.stride(0) if copy_next else 0, nw.stride(1) if copy_next else 0,
+                      nw.shape[0] if copy_next else 0,
+                      M, N, K, _ld(x, K) if chained else K, stride_wn if w_copy else K, ld_z,
+                      x.stride(0), x.stride(1), stride_wn, stride_wk, stride_zm)
+        self.launch = launch.Launch(
+            _linear_fwd_kernel, (row_tiles * col_tiles, 1, 1),  # in grouped tile order (_grouped_tile)
+            (A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
+             bias is not None, mode, norm.gamma is not None, norm.beta is not None, self.running,
+             norm.momentum is None, copy_next, w_copy, block_m, block_n, block_k, _precision(x.dtype)),
+            num_warps, num_stages)
+
+    def __call__(self, x, weight, bias, in_vec, in_seed, vec, gamma, beta, running_mean, running_var, num_batches,
+                 next_weight, scratch, tickets, out=None):
+        z = out if out is not None else _rows(x, self.M, self.N, self.ld_z, self.size)
+        self.launch((x, weight, bias, z, in_vec, in_seed, *self.scalars_in,
+                     scratch if self.scratch else None, vec, gamma, beta, running_mean, running_var,
+                     num_batches if self.running else None, tickets if self.tickets else None, *self.scalars_bn,
+                     next_weight if self.copy_next else None, *self.sizes))
+        return z
+
+    def partials(self, scratch):
+        """In norm mode PARTIALS the per-row-tile (shift, mean, M2) of z that a call left in
+        `scratch`, fp32 [3, row_tiles, N], and the rows per tile; else None."""
+        if self.mode != PARTIALS:
+            return None
+        return scratch[:3 * self.row_tiles * self.N].view(3, self.row_tiles, self.N), self.block_m
 
 
 def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NORM, out=None, next_weight=None,
@@ -1071,41 +1151,11 @@ def linear_fwd(x, weight, bias=None, site_in: Site = NO_SITE, norm: Norm = NO_NO
     Returns (z, partials): with `norm.mode` PARTIALS, the per-row-tile (shift, mean, M2) of z,
     fp32 [3, row_tiles, N], and the rows per tile, for the host to merge; else None.
     """
-    M, K = x.shape
-    N = weight.shape[0]
-    if out is not None:
-        z = out
-    elif next_weight is not None:
-        z = new_activation(M, N, x, next_weight)
-    else:
-        z = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    w, split_w = _weight_copy(x, weight) if chained else (None, False)
-    w_ld = K if w is None else w.stride(0)
-    w = weight if w is None else w
-    copy, split_next = _weight_copy(z, next_weight) if next_weight is not None else (None, False)
-    block_m, block_n, block_k, num_warps, num_stages = _tiles("fwd", M, N, K, x.dtype, x.device)
-    row_tiles, col_tiles = launch.cdiv(M, block_m), launch.cdiv(N, block_n)
-    grid = (row_tiles * col_tiles, 1, 1)  # in grouped tile order (_grouped_tile)
-    mode = norm.mode
-    part = launch.scratch(x.device, 3 * row_tiles * N) if mode in (BATCH, PARTIALS) else None
-    ticket = launch.tickets(x.device, col_tiles + 1) if mode == BATCH else None
-    running = mode == BATCH and norm.running_mean is not None
-    nw = next_weight if copy is not None else None
-    launch.run(
-        _linear_fwd_kernel, grid,
-        (x, w, bias, z, *_site(site_in),
-         part, norm.vec, norm.gamma, norm.beta, norm.running_mean, norm.running_var,
-         norm.num_batches if running else None, ticket, float(norm.eps), float(norm.momentum or 0.0),
-         nw, nw.stride(0) if nw is not None else 0, nw.stride(1) if nw is not None else 0,
-         nw.shape[0] if nw is not None else 0,
-         M, N, K, _ld(x, K) if chained else K, w_ld, _ld(z, N),
-         x.stride(0), x.stride(1), w.stride(0), w.stride(1), z.stride(0)),
-        (A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
-         bias is not None, mode, norm.gamma is not None, norm.beta is not None, running, norm.momentum is None,
-         0 if copy is None else 2 if split_next else 1, split_w, block_m, block_n, block_k, _precision(x.dtype)),
-        num_warps, num_stages,
-    )
-    return z, ((part[:3 * row_tiles * N].view(3, row_tiles, N), block_m) if mode == PARTIALS else None)
+    plan = LinearFwd(x, weight, bias, site_in, norm, out, next_weight, chained)
+    scratch, tickets = _buffers(x.device, plan)
+    z = plan(x, weight, bias, site_in.vec, site_in.seed, norm.vec, norm.gamma, norm.beta, norm.running_mean,
+             norm.running_var, norm.num_batches, next_weight, scratch, tickets, out)
+    return z, plan.partials(scratch)
 
 
 class _DW(NamedTuple):
@@ -1126,7 +1176,6 @@ class _DW(NamedTuple):
 NO_DW = _DW(16, 16, 16, 4, 3, 0, 0, 1, False, 0)  # a role without programs
 
 
-@_per_shape
 def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, narrowest: int = 16,
              accumulators: int = 1) -> _DW:
     """How a dW [DM, DN] = A^T B over a batch of B rows is tiled and split into batch chunks
@@ -1172,6 +1221,124 @@ class DeferredDW(NamedTuple):
     split: bool = False  # g_z is stored as its TF32 split, the low part B rows behind (fp32 at "highest")
 
 
+class LinearBwd:
+    """linear_bwd's plan; called with (g_y, z, weight, vec, uv, x, in_vec, in_seed, in_gamma,
+    in_beta, seed, later, scratch, tickets[, uv_in]): norm's vec and uv, site_in's tensors,
+    norm_in's gamma and beta (their gradients are made like them), the dropout seed of this
+    block's activation (which a deferred dW reads it with) and, when this launch computes the
+    next block's deferred dW, that block's call's `later`. Returns (g_in, dw, db, dgamma, dbeta,
+    uv_in, later): as linear_bwd's, but for uv_in, norm_in's u, v buffer [2, K] (new unless
+    given; None without BatchNorm there), and `later`, the (g_z, dw, db) of this block's
+    deferred dW."""
+
+    def __init__(self, g_y, z, weight, norm: Norm, x, site_in: Site, norm_in: Norm, input_grad: bool,
+                 has_bias: bool, chained: bool, deferred: Optional[DeferredDW], defer: bool):
+        B, N = g_y.shape
+        K = weight.shape[1]
+        dev = g_y.device
+        w_copy = _weight_copies(x, weight) if chained and input_grad else 0  # this block's weight, behind x
+        stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
+        if deferred is not None:
+            assert deferred.x is z and deferred.site.vec is norm.vec, "a DeferredDW goes to the block whose output it reads"
+        if defer and input_grad and norm.mode != NO_BN and not site_in.identity:
+            dw_mode = DEFERRED
+        else:
+            # (a_{l-1} is read along its features: contiguous ones)
+            dw_mode = ACT_ROWS if norm.mode == NO_BN and not site_in.identity and x.stride(1) == 1 else GRAD_ROWS
+
+        dx_m, dx_n, dx_k, num_warps, num_stages = _tiles("dx", B, K, N, g_y.dtype, dev)
+        dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
+        dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
+        # dW tiles up to 128 x 64: a launch's roles share its registers (the union of a dX role's and
+        # two dW roles' spills with 128 x 128 ones), and chunks of the batch fill the SMs anyway. Two
+        # dW roles may take 8 warps (below), and then 32 columns: 16 would leave 8-byte loads.
+        area, narrowest = 128 * 64, 32 if deferred is not None and dw_mode != DEFERRED else 16
+        own = NO_DW if dw_mode == DEFERRED else _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype,
+                                                         dev, area, narrowest)
+        nn = deferred.dw.shape[0] if deferred is not None else 0
+        nxt = (_dw_plan(B, N, nn, g_y.dtype, dev, area, narrowest, 3 if deferred.split else 1)
+               if deferred is not None else NO_DW)
+        # The roles share the launch's warps and stages: the most warps any asks for (8 for two dW
+        # roles, whose registers add up), the fewest stages.
+        roles = [r for r in (own, nxt) if r.programs]
+        if not _interpreting():
+            largest = max([r.block_m * r.block_n for r in roles], default=0)
+            num_warps = max([num_warps if input_grad else 4] + [r.num_warps for r in roles])
+            if len(roles) == 2 and largest >= 64 * 64:
+                num_warps = 8
+            num_stages = min([num_stages if input_grad else 4] + [r.num_stages for r in roles])
+
+        # what a call allocates: g_in (padded rows, unless it is the chain's input gradient), dW, db,
+        # norm_in's dgamma, dbeta and u, v; g_z when dW is deferred, in fp32 at "highest" as its TF32
+        # split, which the next launch's dW reads as it reads a weight's (_gemm_core's SPLIT_B): its
+        # main loop then overlaps
+        in_bn = norm_in.mode if input_grad else NO_BN
+        self.B, self.N, self.K = B, N, K
+        self.input_grad, self.has_bias = input_grad, has_bias
+        self.ld_in = K if site_in.identity else _pad(K)
+        self.dgamma = in_bn != NO_BN and norm_in.gamma is not None
+        self.dbeta = in_bn != NO_BN and norm_in.beta is not None
+        self.uv_in = in_bn != NO_BN
+        self.dw_shape = tuple(weight.shape)
+        self.own_dw = dw_mode != DEFERRED
+        split_gz = self.split_gz = dw_mode == DEFERRED and _precision(g_y.dtype) == "tf32x3"
+        self.g_z = (1 + split_gz) * B * _pad(N) if dw_mode == DEFERRED else 0
+        self.nx = deferred is not None
+        dx_part = own.scratch + nxt.scratch
+        dx_scratch = 2 * dx_row_tiles * K if in_bn != NO_BN else 0
+        self.scratch, self.tickets = dx_part + dx_scratch, dx_col_tiles + own.tiles + nxt.tiles
+        self.part_in = (dx_part, dx_row_tiles) if in_bn == PARTIALS else None
+        site = deferred.site if deferred is not None else NO_SITE
+        nx = deferred.g_z if deferred is not None else None
+        self.scalars_in = (float(site_in.drop_p), _drop_scale(site_in.drop_p), float(site_in.slope))
+        self.scalars_nx = (float(site.drop_p), _drop_scale(site.drop_p), float(site.slope))
+        # g_y's column stride is 1, but a single column's may be anything, as no other is read: 16
+        # makes Triton see its elements as contiguous rows and load 8 at a time (a one-output head)
+        self.sizes = (B, N, K, nn, min(_ld(g_y, N), _ld(z, N)), stride_wn if w_copy else K, _ld(x, K),
+                      self.ld_in if input_grad else K, _ld(nx, nn) if nx is not None else 0,
+                      g_y.stride(0), ALIGN if N == 1 else 1, z.stride(0), stride_wn, stride_wk, x.stride(0),
+                      x.stride(1), self.ld_in if input_grad else 0, _pad(N) if self.g_z else 0,
+                      nx.stride(0) if nx is not None else 0,
+                      dx_programs, own.programs, own.rows_per_split, nxt.rows_per_split)
+        self.launch = launch.Launch(
+            _linear_bwd_kernel, (dx_programs + own.programs + nxt.programs, 1, 1),
+            (norm.mode != NO_BN, norm.mode in (BATCH, PARTIALS),
+             A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
+             input_grad, in_bn, self.dgamma, self.dbeta, w_copy,
+             dw_mode, has_bias, own.split,
+             self.nx, int(site.act), site.drop_p > 0, deferred is not None and deferred.db is not None,
+             nxt.split, split_gz, deferred is not None and deferred.split,
+             dx_m, dx_n, dx_k, own.block_m, own.block_n, own.block_k, nxt.block_m, nxt.block_n, nxt.block_k,
+             _precision(g_y.dtype)),
+            num_warps, num_stages)
+
+    def __call__(self, g_y, z, weight, vec, uv, x, in_vec, in_seed, in_gamma, in_beta, seed, later, scratch,
+                 tickets, uv_in=None):
+        B, N, K = self.B, self.N, self.K
+        g_in = _rows(g_y, B, K, self.ld_in, B * self.ld_in) if self.input_grad else None
+        dgamma = torch.empty_like(in_gamma) if self.dgamma else None
+        dbeta = torch.empty_like(in_beta) if self.dbeta else None
+        if uv_in is None and self.uv_in:
+            uv_in = in_vec.new_empty(2, K)
+        dw = weight.new_empty(self.dw_shape)  # contiguous, as the kernel writes it
+        db = weight.new_empty(N) if self.has_bias else None
+        g_z = _rows(g_y, B, N, _pad(N), self.g_z) if self.g_z else None
+        nx_gz, nx_dw, nx_db = later if self.nx else (None, None, None)
+        self.launch((g_y, z, vec, uv, weight, x, in_vec, in_seed, *self.scalars_in, dgamma, dbeta, uv_in,
+                     g_in if g_in is not None else g_y,  # (g_y: a stand-in, never written without dX programs)
+                     dw if self.own_dw else None, db if self.own_dw else None, g_z,
+                     nx_gz, seed if self.nx else None, *self.scalars_nx, nx_dw, nx_db, scratch, tickets, *self.sizes))
+        return g_in, dw, db, dgamma, dbeta, uv_in, ((g_z, dw, db) if g_z is not None else None)
+
+    def partials(self, scratch):
+        """In norm_in's mode PARTIALS the per-row-tile sums of g_y and g_y * xhat of the previous
+        block that a call left in `scratch`, [2, row_tiles, K]; else None."""
+        if self.part_in is None:
+            return None
+        start, row_tiles = self.part_in
+        return scratch[start:start + 2 * row_tiles * self.K].view(2, row_tiles, self.K)
+
+
 def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: Norm = NO_NORM,
                input_grad: bool = True, has_bias: bool = True, chained: bool = False,
                deferred: Optional[DeferredDW] = None, defer: bool = False):
@@ -1193,90 +1360,15 @@ def linear_bwd(g_y, z, weight, norm: Norm, x, site_in: Site = NO_SITE, norm_in: 
     host, and dgamma, dbeta, u, v left to it; `later` the DeferredDW when dW (and db) are left to
     the next launch, else None.
     """
-    B, N = g_y.shape
-    K = weight.shape[1]
-    dev = g_y.device
-    w, split_w = _weight_copy(x, weight) if chained else (None, False)
-    w_ld = K if w is None else w.stride(0)
-    w = weight if w is None else w
-    if deferred is not None:
-        assert deferred.x is z and deferred.site.vec is norm.vec, "a DeferredDW goes to the block whose output it reads"
-    if defer and input_grad and norm.mode != NO_BN and not site_in.identity:
-        dw_mode = DEFERRED
-    else:
-        # (a_{l-1} is read along its features: contiguous ones)
-        dw_mode = ACT_ROWS if norm.mode == NO_BN and not site_in.identity and x.stride(1) == 1 else GRAD_ROWS
-
-    dx_m, dx_n, dx_k, num_warps, num_stages = _tiles("dx", B, K, N, g_y.dtype, dev)
-    dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
-    dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
-    # dW tiles up to 128 x 64: a launch's roles share its registers (the union of a dX role's and
-    # two dW roles' spills with 128 x 128 ones), and chunks of the batch fill the SMs anyway. Two
-    # dW roles may take 8 warps (below), and then 32 columns: 16 would leave 8-byte loads.
-    area, narrowest = 128 * 64, 32 if deferred is not None and dw_mode != DEFERRED else 16
-    own = NO_DW if dw_mode == DEFERRED else _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype,
-                                                     dev, area, narrowest)
-    nn = deferred.dw.shape[0] if deferred is not None else 0
-    nxt = (_dw_plan(B, N, nn, g_y.dtype, dev, area, narrowest, 3 if deferred.split else 1) if deferred is not None
-           else NO_DW)
-    # The roles share the launch's warps and stages: the most warps any asks for (8 for two dW
-    # roles, whose registers add up), the fewest stages.
-    roles = [r for r in (own, nxt) if r.programs]
-    if not _interpreting():
-        largest = max([r.block_m * r.block_n for r in roles], default=0)
-        num_warps = max([num_warps if input_grad else 4] + [r.num_warps for r in roles])
-        if len(roles) == 2 and largest >= 64 * 64:
-            num_warps = 8
-        num_stages = min([num_stages if input_grad else 4] + [r.num_stages for r in roles])
-
-    g_in = None
-    if input_grad:
-        g_in = new_activation(B, K, g_y) if not site_in.identity else torch.empty((B, K), device=dev, dtype=g_y.dtype)
-    in_bn = norm_in.mode if input_grad else NO_BN
-    dgamma = torch.empty_like(norm_in.gamma) if in_bn != NO_BN and norm_in.gamma is not None else None
-    dbeta = torch.empty_like(norm_in.beta) if in_bn != NO_BN and norm_in.beta is not None else None
-    dw = torch.empty(weight.shape, device=dev, dtype=weight.dtype)  # contiguous, as the kernel writes it
-    db = torch.empty(N, device=dev, dtype=weight.dtype) if has_bias else None
-    # fp32 at "highest": g_z stored as its TF32 split, which the next launch's dW reads as it reads
-    # a weight's (_gemm_core's SPLIT_B): its main loop then overlaps
-    split_gz = dw_mode == DEFERRED and _precision(g_y.dtype) == "tf32x3"
-    g_z = new_activation((1 + split_gz) * B, N, g_y)[:B] if dw_mode == DEFERRED else None
-    dx_scratch = 2 * dx_row_tiles * K if in_bn != NO_BN else 0
-    scratch = launch.scratch(dev, own.scratch + nxt.scratch + dx_scratch)
-    tickets = launch.tickets(dev, dx_col_tiles + own.tiles + nxt.tiles)
-    ld_n = min(_ld(g_y, N), _ld(z, N))
-    site = deferred.site if deferred is not None else NO_SITE
-    nx = deferred.g_z if deferred is not None else None
-    # g_y's column stride is 1, but a single column's may be anything, as no other is read: 16
-    # makes Triton see its elements as contiguous rows and load 8 at a time (a one-output head)
-    launch.run(
-        _linear_bwd_kernel, (dx_programs + own.programs + nxt.programs, 1, 1),
-        (g_y, z, norm.vec, norm.uv, w,
-         x, *_site(site_in), dgamma, dbeta, norm_in.uv if in_bn != NO_BN else None,
-         g_in if input_grad else g_y,  # (g_y: a stand-in, never written without dX programs)
-         dw if dw_mode != DEFERRED else None, db if dw_mode != DEFERRED else None, g_z,
-         nx, site.seed, float(site.drop_p), _drop_scale(site.drop_p), float(site.slope),
-         deferred.dw if deferred is not None else None, deferred.db if deferred is not None else None,
-         scratch, tickets,
-         B, N, K, nn, ld_n, w_ld, _ld(x, K), _ld(g_in, K) if input_grad else K, _ld(nx, nn) if nx is not None else 0,
-         g_y.stride(0), ALIGN if N == 1 else 1, z.stride(0), w.stride(0), w.stride(1), x.stride(0), x.stride(1),
-         g_in.stride(0) if input_grad else 0, g_z.stride(0) if g_z is not None else 0,
-         nx.stride(0) if nx is not None else 0,
-         dx_programs, own.programs, own.rows_per_split, nxt.rows_per_split),
-        (norm.mode != NO_BN, norm.mode in (BATCH, PARTIALS),
-         A_PLAIN if site_in.identity else A_ACT_K, site_in.vec is not None, int(site_in.act), site_in.drop_p > 0,
-         input_grad, in_bn, dgamma is not None, dbeta is not None, split_w and input_grad,
-         dw_mode, has_bias, own.split,
-         deferred is not None, int(site.act), site.drop_p > 0, deferred is not None and deferred.db is not None,
-         nxt.split, split_gz, deferred is not None and deferred.split,
-         dx_m, dx_n, dx_k, own.block_m, own.block_n, own.block_k, nxt.block_m, nxt.block_n, nxt.block_k,
-         _precision(g_y.dtype)),
-        num_warps, num_stages,
-    )
-    dx_part = own.scratch + nxt.scratch
-    part_in = scratch[dx_part:dx_part + dx_scratch].view(2, dx_row_tiles, K) if in_bn == PARTIALS else None
-    later = DeferredDW(g_z, dw, db, x, site_in, split_gz) if dw_mode == DEFERRED else None
-    return g_in, dw, db, dgamma, dbeta, part_in, later
+    plan = LinearBwd(g_y, z, weight, norm, x, site_in, norm_in, input_grad, has_bias, chained, deferred, defer)
+    scratch, tickets = _buffers(g_y.device, plan)
+    g_in, dw, db, dgamma, dbeta, uv_in, later = plan(
+        g_y, z, weight, norm.vec, norm.uv, x, site_in.vec, site_in.seed, norm_in.gamma, norm_in.beta,
+        deferred.site.seed if deferred is not None else None,
+        deferred[:3] if deferred is not None else None, scratch, tickets, norm_in.uv)
+    if later is not None:
+        later = DeferredDW(*later, x, site_in, plan.split_gz)
+    return g_in, dw, db, dgamma, dbeta, plan.partials(scratch), later
 
 
 def _elementwise_tiles(M: int, N: int):
@@ -1284,39 +1376,74 @@ def _elementwise_tiles(M: int, N: int):
     return (32 if _interpreting() else max(16, 4096 // block_n)), block_n
 
 
+class ActFwd:
+    """act_fwd's plan; called with (z, vec, seed), the site's tensors, it returns a."""
+
+    def __init__(self, z, site: Site):
+        M, N = z.shape
+        block_m, block_n = _elementwise_tiles(M, N)
+        self.shape = (M, N)
+        self.scalars = (float(site.drop_p), _drop_scale(site.drop_p), float(site.slope), M, N, z.stride(0))
+        self.launch = launch.Launch(_act_fwd_kernel, (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1),
+                                    (site.vec is not None, int(site.act), site.drop_p > 0, block_m, block_n), 4, 1)
+
+    def __call__(self, z, vec, seed):
+        a = z.new_empty(self.shape)
+        self.launch((z, a, vec, seed, *self.scalars))
+        return a
+
+
 def act_fwd(z, site: Site):
     """a = act(z) for a chain's last block, contiguous (z's rows contiguous)."""
-    M, N = z.shape
-    a = torch.empty((M, N), device=z.device, dtype=z.dtype)
-    block_m, block_n = _elementwise_tiles(M, N)
-    launch.run(
-        _act_fwd_kernel, (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1),
-        (z, a, *_site(site), M, N, z.stride(0)),
-        (site.vec is not None, int(site.act), site.drop_p > 0, block_m, block_n), 4, 1,
-    )
-    return a
+    return ActFwd(z, site)(z, site.vec, site.seed)
+
+
+class ActBwd:
+    """act_bwd's plan; called with (grad, z, vec, seed, gamma, beta, scratch, tickets[, uv]), the
+    site's and norm's tensors, it returns (g_y, dgamma, dbeta, uv): uv the block's u, v buffer
+    [2, N] (new unless given; None without BatchNorm)."""
+
+    def __init__(self, grad, z, site: Site, norm: Norm):
+        M, N = grad.shape
+        block_m, block_n = _elementwise_tiles(M, N)
+        grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
+        bn = norm.mode
+        self.M, self.N, self.ld, self.bn, self.row_tiles = M, N, _pad(N), bn, grid[0]
+        self.dgamma, self.dbeta = bn != NO_BN and norm.gamma is not None, bn != NO_BN and norm.beta is not None
+        self.scratch, self.tickets = 2 * grid[0] * N if bn != NO_BN else 0, grid[1]
+        self.grad_strides, self.z_stride = grad.stride(), z.stride(0)
+        self.scalars = (float(site.drop_p), _drop_scale(site.drop_p), float(site.slope))
+        self.launch = launch.Launch(_act_bwd_kernel, grid, (bn, self.dgamma, self.dbeta, int(site.act),
+                                                            site.drop_p > 0, block_m, block_n), 4, 1)
+
+    def __call__(self, grad, z, vec, seed, gamma, beta, scratch, tickets, uv=None):
+        M, N, ld = self.M, self.N, self.ld
+        g_y = _rows(grad, M, N, ld, M * ld)  # padded rows, written whole
+        dgamma = torch.empty_like(gamma) if self.dgamma else None
+        dbeta = torch.empty_like(beta) if self.dbeta else None
+        if self.bn == NO_BN:
+            uv = None
+        elif uv is None:
+            uv = vec.new_empty(2, N)
+        self.launch((grad, *self.grad_strides, z, self.z_stride, vec, seed, *self.scalars, dgamma, dbeta, uv,
+                     g_y, ld, ld, scratch if self.scratch else None, tickets, M, N))
+        return g_y, dgamma, dbeta, uv
+
+    def partials(self, scratch):
+        """In norm mode PARTIALS the per-row-tile sums a call left in `scratch`, [2, row_tiles, N]."""
+        if self.bn != PARTIALS:
+            return None
+        return scratch[:2 * self.row_tiles * self.N].view(2, self.row_tiles, self.N)
 
 
 def act_bwd(grad, z, site: Site, norm: Norm):
     """g_y = the backward of `site`'s activation applied to grad = dL/da, for a chain's last
     block (g_y with padded rows). Returns (g_y, dgamma, dbeta, partials) as `linear_bwd` does for
     the previous block."""
-    M, N = grad.shape
-    g_y = new_activation(M, N, grad)
-    block_m, block_n = _elementwise_tiles(M, N)
-    grid = (launch.cdiv(M, block_m), launch.cdiv(N, block_n), 1)
-    bn = norm.mode
-    part = launch.scratch(grad.device, 2 * grid[0] * N) if bn != NO_BN else None
-    dgamma = torch.empty_like(norm.gamma) if bn != NO_BN and norm.gamma is not None else None
-    dbeta = torch.empty_like(norm.beta) if bn != NO_BN and norm.beta is not None else None
-    launch.run(
-        _act_bwd_kernel, grid,
-        (grad, grad.stride(0), grad.stride(1), z, z.stride(0), *_site(site), dgamma, dbeta,
-         norm.uv if bn != NO_BN else None, g_y, g_y.stride(0), _ld(g_y, N), part,
-         launch.tickets(grad.device, grid[1]), M, N),
-        (bn, dgamma is not None, dbeta is not None, int(site.act), site.drop_p > 0, block_m, block_n), 4, 1,
-    )
-    return g_y, dgamma, dbeta, (part[:2 * grid[0] * N].view(2, grid[0], N) if bn == PARTIALS else None)
+    plan = ActBwd(grad, z, site, norm)
+    scratch, tickets = _buffers(grad.device, plan)
+    g_y, dgamma, dbeta, _ = plan(grad, z, site.vec, site.seed, norm.gamma, norm.beta, scratch, tickets, norm.uv)
+    return g_y, dgamma, dbeta, plan.partials(scratch)
 
 
 def dropout_scale(seed, M: int, N: int, p: float):

@@ -3,10 +3,15 @@
 `kernel[grid](*args)` binds and specialises every argument again on each call, then checks
 every global the kernel reads: about 100 us of Python for a 30-argument kernel on a slow CPU.
 A narrow-deep MLP launches two kernels per block per step, so that alone would make training
-CPU-bound. `run` keeps, per kernel, the compiled kernel of each argument signature it has seen
-(Triton's own specialisation: dtypes, 16-byte alignment of pointers, integers equal to 1 or
-divisible by 16, None) and launches it through its handle directly. The first call of a
-signature goes through Triton as usual, which compiles (or loads from its cache) and launches.
+CPU-bound. So launches go through the compiled kernel's handle:
+- `Launch` is one launch planned once (the launchers' plans in fused_linear.py hold one per
+  kernel they launch): the first call goes through Triton as usual, which compiles (or loads
+  from its cache) and launches, and it keeps the compiled kernel; later calls launch that
+  directly. Whoever keeps a Launch calls it only with arguments of the signature it was
+  planned for (Triton's specialisation: dtypes, 16-byte alignment of pointers, integers equal
+  to 1 or divisible by 16, None), on the same device and driver.
+- `run` launches a kernel not planned ahead, keeping the compiled kernel of each signature it
+  has seen.
 
 Under Triton's interpreter, or with a launch hook installed (a profiler), every launch goes
 through Triton.
@@ -57,21 +62,48 @@ def _hooked() -> bool:
     return bool(getattr(hook, "calls", hook))
 
 
+def _direct(compiled, grid, args, consts) -> None:
+    """Launch `compiled` (a CompiledKernel) on the current device's current stream."""
+    driver = triton.runtime.driver.active
+    compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(driver.get_current_device()), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *consts)
+
+
+class Launch:
+    """A launch of `kernel` on `grid` (3 ints) with its constexpr `consts` (in the kernel's
+    parameter order), `num_warps` and `num_stages`, planned once; called with the runtime
+    arguments (kernel order, before the constexprs) of each launch. See the module docstring."""
+    __slots__ = ("kernel", "grid", "consts", "num_warps", "num_stages", "compiled")
+
+    def __init__(self, kernel, grid, consts, num_warps: int, num_stages: int):
+        self.kernel, self.grid, self.consts = kernel, grid, tuple(consts)
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.compiled = None
+
+    def __call__(self, args) -> None:
+        compiled = self.compiled
+        if compiled is None or INTERPRET or _hooked():
+            compiled = self.kernel[self.grid](*args, *self.consts, num_warps=self.num_warps,
+                                              num_stages=self.num_stages)
+            if not (INTERPRET or _hooked()):
+                self.compiled = compiled
+            return
+        _direct(compiled, self.grid, args, self.consts)
+
+
 def run(kernel, grid, args, consts, num_warps: int, num_stages: int):
     """Launch `kernel` on `grid` (3 ints) with runtime `args` followed by its constexpr `consts`,
     both in the kernel's parameter order (runtime parameters first)."""
     if INTERPRET or _hooked():
         kernel[grid](*args, *consts, num_warps=num_warps, num_stages=num_stages)
         return
-    driver = triton.runtime.driver.active
-    device = driver.get_current_device()
-    key = (kernel, device, consts, num_warps, num_stages, _signature(args))
+    key = (kernel, triton.runtime.driver.active.get_current_device(), consts, num_warps, num_stages,
+           _signature(args))
     compiled = _compiled.get(key)
     if compiled is None:
         _compiled[key] = kernel[grid](*args, *consts, num_warps=num_warps, num_stages=num_stages)
         return
-    compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *consts)
+    _direct(compiled, grid, args, consts)
 
 
 # Per (device, stream) buffers that live as long as the process: launches on one stream run one

@@ -64,8 +64,8 @@ def gpu_name(device: torch.device) -> Optional[str]:
 
 
 def lookup(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Optional[list]:
-    """The table's config for a `gemm` ("fwd", "dx", "dw") of these sizes, or None. (The
-    launchers keep what they plan from it per shape and `generation`: fused_linear._per_shape.)"""
+    """The table's config for a `gemm` ("fwd", "dx", "dw") of these sizes, or None. (Plans made
+    from it are kept per `generation`: dwfast.ops.)"""
     if not _table:
         return None
     name = gpu_name(device)

@@ -108,7 +108,7 @@ def _sample(x, widths, modes, acts, bias=True, affine=True, slopes=None, drop_ps
         s["specs"].append(ops.Spec(bias, has_bn, has_bn, mode, tracked[i], cumulative, ACTIVATIONS[acts[i]], 0,
                                    slopes[i], drop_ps[i], 1e-5, 0.1))
         prev = width
-    s["seeds"] = torch.randint(0, 2 ** 62, (sum(p > 0 for p in drop_ps),))  # one per block with dropout
+    s["seeds"] = [torch.randint(0, 2 ** 62, (1,)) for p in drop_ps if p > 0]  # one per block with dropout
     return s
 
 
