@@ -101,6 +101,42 @@ def state(module: nn.Module, name: str):
     return getattr(module, name)
 
 
+class Tensors(NamedTuple):
+    """A chain's parameters and buffers as one call reads them (:func:`read`): per block, None
+    where a block has none (no bias, no BatchNorm, affine=False, no running statistics)."""
+    weights: List[torch.Tensor]
+    biases: List[Optional[torch.Tensor]]
+    gammas: List[Optional[torch.Tensor]]
+    betas: List[Optional[torch.Tensor]]
+    running_means: List[Optional[torch.Tensor]]
+    running_vars: List[Optional[torch.Tensor]]
+    num_batches: List[Optional[torch.Tensor]]
+
+
+def read(blocks: List[Block]) -> Tensors:
+    """Every parameter and buffer the blocks' modules would read in this call, read once, as
+    :func:`state` reads them (the modules' own dicts first: host time)."""
+    out = Tensors([], [], [], [], [], [], [])
+    weights, biases, gammas, betas, means, variances, counts = out
+    for blk in blocks:
+        lin, bn = blk.linear, blk.bn
+        params = lin._parameters
+        weights.append(params["weight"] if "weight" in params else state(lin, "weight"))
+        biases.append(params["bias"] if "bias" in params else state(lin, "bias"))
+        if bn is None:
+            for entry in out[2:]:
+                entry.append(None)
+            continue
+        params, buffers = bn._parameters, bn._buffers
+        gammas.append(params["weight"] if "weight" in params else state(bn, "weight"))
+        betas.append(params["bias"] if "bias" in params else state(bn, "bias"))
+        means.append(buffers["running_mean"] if "running_mean" in buffers else state(bn, "running_mean"))
+        variances.append(buffers["running_var"] if "running_var" in buffers else state(bn, "running_var"))
+        counts.append(buffers["num_batches_tracked"] if "num_batches_tracked" in buffers
+                      else state(bn, "num_batches_tracked"))
+    return out
+
+
 def uses_batch_stats(bn: nn.BatchNorm1d) -> bool:
     """Whether `bn` normalises with batch statistics in this call, read as ``_BatchNorm.forward``
     reads it: in training, or without running statistics."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import ops, reference, whole_net
 from .backend import get_whole_net, is_reference, resolve_backend
-from .chain import Block, autocast_dtype, counts_batches, eager_chain, state, updates_running_stats, uses_batch_stats
+from .chain import Block, Tensors, autocast_dtype, eager_chain, read, state, uses_batch_stats
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the kernels run
 
@@ -69,17 +69,18 @@ def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
             _check_eps(bn)
 
 
-def _ops_follow(bn: nn.Module) -> bool:
-    """Whether the ops read `bn`'s state as eager does. They update the running statistics and
-    num_batches_tracked together (`updates_running_stats`); a missing buffer can split those in
+def _ops_follow(bn: nn.Module, running_mean, running_var, num_batches) -> bool:
+    """Whether the ops read `bn`'s state (its buffers as given) as eager does. They update the
+    running statistics and num_batches_tracked together; a missing buffer can split those in
     eager, and running_mean without running_var is an error there."""
-    return ((state(bn, "running_mean") is None) == (state(bn, "running_var") is None)
-            and updates_running_stats(bn) == counts_batches(bn))
+    if (running_mean is None) != (running_var is None):
+        return False
+    return not (bn.training and bn.track_running_stats) or (running_mean is None) == (num_batches is None)
 
 
-def _fusable(x: torch.Tensor, blocks: List[Block]) -> bool:
-    """Shapes, options and states the kernels handle; everything else runs the eager path
-    unchanged.
+def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
+    """Shapes, options and states the kernels handle (`tensors`: the blocks' parameters and
+    buffers, chain.read); everything else runs the eager path unchanged.
 
     Outside autocast every tensor has ``x``'s dtype. Under autocast (fp16 or bf16) any of
     fp16 / bf16 / fp32 will do: the Linears are cast to autocast's dtype and BatchNorm's
@@ -94,16 +95,16 @@ def _fusable(x: torch.Tensor, blocks: List[Block]) -> bool:
     # and dynamo handles torch.func itself
     if not torch.compiler.is_compiling() and reference.transformed():
         return False
-    dtypes = _FLOATS if low is not None else (x.dtype,)
-    for blk in blocks:
-        tensors = [state(blk.linear, "weight"), state(blk.linear, "bias")]
+    for blk, rm, rv, nb in zip(blocks, tensors.running_means, tensors.running_vars, tensors.num_batches):
         bn = blk.bn
-        if bn is not None:
-            if type(bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm) or not _ops_follow(bn):
-                return False
-            tensors += [state(bn, "weight"), state(bn, "bias"), state(bn, "running_mean"), state(bn, "running_var")]
-        if any(t is not None and (t.dtype not in dtypes or t.device != x.device) for t in tensors):
+        if bn is not None and (type(bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm) or not _ops_follow(bn, rm, rv, nb)):
             return False
+    dtypes = _FLOATS if low is not None else (x.dtype,)
+    device = x.device
+    for ts in tensors[:6]:
+        for t in ts:
+            if t is not None and (t.dtype not in dtypes or t.device != device):
+                return False
     return True
 
 
@@ -119,14 +120,17 @@ def fused_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     under ``torch.compile(fullgraph=True)``, also with ``BatchNorm1d(momentum=None)``.
     """
     _validate(x, blocks)
-    if is_reference(x) or not _fusable(x, blocks):
+    if is_reference(x):
+        return eager_chain(x, blocks)
+    tensors = read(blocks)
+    if not _fusable(x, blocks, tensors):
         return eager_chain(x, blocks)
     backend = resolve_backend(x.device)
     if autocast_dtype(x) is not None:
         # The whole-net kernels take one dtype; autocast mixes the Linears' and BatchNorm's.
-        return ops.chain(x, blocks, upcast=(backend == "interpret"))
+        return ops.chain(x, blocks, tensors, upcast=(backend == "interpret"))
     if get_whole_net() == "auto":
         out = whole_net.whole_net_chain(x, blocks, upcast=(backend == "interpret"))
         if out is not None:
             return out
-    return ops.chain(x, blocks, upcast=(backend == "interpret"))
+    return ops.chain(x, blocks, tensors, upcast=(backend == "interpret"))

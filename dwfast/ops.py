@@ -1,4 +1,5 @@
-"""torch.library custom ops for a fused chain, with autograd; they call dwfast.kernels.
+"""The fused chain's forward and backward, as torch.library custom ops with autograd and as one
+autograd.Function for eager calls; both run dwfast.kernels' plans.
 
     chain_body      the chain's first blocks, up to the last one whose BatchNorm updates its
                     running statistics: it updates them in place (no autograd)
@@ -11,25 +12,28 @@ kernel that finalises the batch statistics, which needs an op that mutates them;
 allows no autograd on such an op, hence the split: chain_body's outputs are inputs of
 chain_forward, whose backward covers every block.
 
+The ops are what torch.compile, torch.export, opcheck and dispatch modes see and trace. Eager
+calls (`chain`, when none of those is at work) skip PyTorch's dispatcher: `_Chain` runs the
+same plans as one autograd node, without the ops' per-tensor costs (the dispatcher converts
+every tensor of their lists between Python and C++ on each of its hops, and the split saves
+the body's outputs twice), which come to several microseconds per block of a training step.
+
 Ops take flat tensor lists (an entry per block that has the tensor) and each block's options
-packed in one int and one float list (`Spec`), so they pass through torch.compile and opcheck,
-and stay cheap to call: PyTorch's dispatch costs host time per argument, partly quadratic in
-their number.
+packed in one int and one float list (`Spec`), so they pass through torch.compile and opcheck.
 """
 import functools
-from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import distributed as D
 from . import kernels as K
 from . import library
 from . import reference as R
+from .chain import BATCH, FIXED, NO_BN, Block, Tensors, act_spec, autocast_dtype
 from .kernels import tiles
-from .chain import BATCH, FIXED, NO_BN, Block, act_spec, autocast_dtype, state, updates_running_stats, uses_batch_stats
 
 assert (NO_BN, BATCH, FIXED) == (K.NO_BN, K.BATCH, K.FIXED)
 _PER_BLOCK = 2  # saved tensors per block: z, vec
@@ -85,6 +89,11 @@ def _expand(present: List[Tensor], flags) -> List[Optional[Tensor]]:
     return [next(it) if f else None for f in flags]
 
 
+def _present(tensors) -> List[Tensor]:
+    """The compact list of a per-block list."""
+    return [t for t in tensors if t is not None]
+
+
 @functools.lru_cache(maxsize=256)
 def _flags(specs: Tuple[Spec, ...]) -> Tuple[tuple, ...]:
     """Per block, whether the ops' compact lists hold its bias, gamma, beta, running statistics
@@ -97,43 +106,47 @@ def _flags(specs: Tuple[Spec, ...]) -> Tuple[tuple, ...]:
 # ---- plans
 #
 # The kernels' launchers are plans (kernels/fused_linear.py: "plans"), made once from the
-# layout of their arguments and called with each launch's tensors. The ops keep the plans of
-# every chain they run, keyed on what the plans read: the blocks' options; the dtype, shape,
-# strides and 16-byte alignment (Triton specialises on it) of the input, the weights and the
-# incoming gradient; of the activations the kernels pass each other also the room behind
-# their rows (storage offset and size); the dtype of the user's per-feature vectors (biases,
-# BatchNorm's parameters and statistics: kernels don't specialise on their alignment); torch's
-# fp32 matmul precision, the tile table and the GPU (the active Triton driver). Every other
-# tensor a chain's launches see is one the plans allocate, or a vector buffer or seed of
-# dwfast's own (fp32, int64). The first call of a key plans block by block as it runs (a plan
-# reads the layout of what the previous launch returned); later calls only launch.
+# layout of their arguments and called with each launch's tensors. A chain's plans are kept
+# keyed on what they read: the blocks' options; the dtype, shape, strides and 16-byte
+# alignment (Triton specialises on it) of the input, the weights and the incoming gradient; of
+# the activations the kernels pass each other also the room behind their rows (storage offset
+# and size); the dtype of the user's per-feature vectors (biases, BatchNorm's parameters and
+# statistics: kernels don't specialise on their alignment); torch's fp32 matmul precision, the
+# tile table and the GPU (the active Triton driver). Every other tensor a chain's launches see
+# is one the plans allocate, or a vector buffer or seed of dwfast's own (fp32, int64). The
+# first call of a key plans block by block as it runs (a plan reads the layout of what the
+# previous launch returned); later calls only launch.
 
-_PLANS: "OrderedDict[tuple, list]" = OrderedDict()
-_MAX_PLANS = 64  # chains x shapes kept (least recently used dropped): a few host microseconds each
+_PLANS: dict = {}
+_MAX_PLANS = 256  # chains x shapes kept; past that the oldest go (dicts keep insertion order)
+
+
+def _state() -> tuple:
+    """The global state plans read: fp32 matmul precision, tile table, GPU (Triton's driver)."""
+    driver = None if K.launch.INTERPRET else triton.runtime.driver.active
+    return torch.get_float32_matmul_precision(), tiles.generation(), driver
 
 
 def _key(name, specs, extra, tensors, activations, vectors) -> tuple:
     """A chain plan's key (above): its op, the blocks' options and `extra`, then what plans read
     of `tensors`, `activations` and `vectors`, and the global state."""
-    driver = None if K.launch.INTERPRET else triton.runtime.driver.active
-    return (name, specs, extra, torch.get_float32_matmul_precision(), tiles.generation(), driver,
-            tuple([(t.dtype, t.shape, t.stride(), t.data_ptr() & 15) for t in tensors]),
+    return (name, specs, extra, _state(), tuple([(t.dtype, t.shape, t.stride(), t.data_ptr() & 15) for t in tensors]),
             tuple([(t.shape, t.stride(), t.storage_offset(), t.untyped_storage().nbytes(), t.data_ptr() & 15)
                    for t in activations]),
             tuple([t.dtype for t in vectors]))
 
 
-def _plans(key) -> Optional[list]:
-    plans = _PLANS.get(key)
-    if plans is not None:
-        _PLANS.move_to_end(key)
-    return plans
+def _plans(key, make=list):
+    """The plans kept for `key`, or a new entry (`make()`, empty: the caller plans into it and
+    then `_keep`s it)."""
+    found = _PLANS.get(key)
+    return (found, False) if found is not None else (make(), True)
 
 
-def _keep(key, plans: list) -> None:
+def _keep(key, plans) -> None:
+    if len(_PLANS) >= _MAX_PLANS:
+        del _PLANS[next(iter(_PLANS))]
     _PLANS[key] = plans
-    while len(_PLANS) > _MAX_PLANS:
-        _PLANS.popitem(last=False)
 
 
 def _norm(s: Spec, vec, gamma, beta, running_mean=None, running_var=None, num_batches=None, uv=None) -> K.Norm:
@@ -149,26 +162,33 @@ def _site(s: Spec, vec, seed) -> K.Site:
     return K.Site(vec, s.act, s.slope, s.drop_p, seed)
 
 
-def _forward(key, x, h, start: int, specs, weights, biases, vecs, gammas, betas, means, variances, counts, seeds,
-             zs=None, output: bool = False) -> List[Tensor]:
-    """Blocks start.. of the chain on h (their input: x, or the previous block's z): per block
-    [z, vec] (z written into `zs` when given), from per-block lists (None where a block has no
-    such tensor; `vecs` the blocks' BatchNorm vector buffers, filled here); with `output`,
-    [out] first (the last block's activation applied). A synchronised block (mode PARTIALS)
-    has its statistics merged across its group between its GEMM and the next."""
-    plans = _plans(key)
-    fresh = plans is None
-    if fresh:
-        plans = []
+def _vecs(x, weights, specs, given=()) -> List[Optional[Tensor]]:
+    """The blocks' BatchNorm vector buffers: `given` ones for the first blocks, new ones after
+    (as kernels.new_vec makes them; new_empty of an fp32 tensor costs less host time)."""
+    vecs = [v if s.bn_mode != NO_BN else None for v, s in zip(given, specs)]
+    if len(vecs) == len(specs):
+        return vecs
+    fp32 = x.new_empty(0, dtype=torch.float32)
+    return vecs + [fp32.new_empty(K.VEC_ROWS, w.shape[0]) if s.bn_mode != NO_BN else None
+                   for w, s in zip(weights[len(vecs):len(specs)], specs[len(vecs):])]
+
+
+def _run_forward(plans, fresh, x, h, start: int, specs, weights, biases, vecs, gammas, betas, means, variances, counts,
+                 seeds, zs=None, output: bool = False) -> List[Tensor]:
+    """Blocks start.. of the chain on h (their input: x, or the previous block's z) with `plans`
+    (made into it when `fresh`): per block [z, vec] (z written into `zs` when given), from
+    per-block lists (None where a block has no such tensor; `vecs` the blocks' BatchNorm vector
+    buffers, filled here); with `output`, [out] first (the last block's activation applied). A
+    synchronised block (mode PARTIALS) has its statistics merged across its group between its
+    GEMM and the next."""
     scratch = tickets = None
     saved = []
     for i in range(start, len(specs)):
         s = specs[i]
         nw = weights[i + 1] if i + 1 < len(weights) else None  # (in chain_body too: its copy goes behind z's rows)
-        prev = i - 1 if i > 0 else None  # the block whose activation this one applies on load
-        in_vec, in_seed = (vecs[prev], seeds[prev]) if prev is not None else (None, None)
+        in_vec, in_seed = (vecs[i - 1], seeds[i - 1]) if i > 0 else (None, None)  # the activation applied on load
         if fresh:
-            site_in = _site(specs[prev], in_vec, in_seed) if prev is not None else K.NO_SITE
+            site_in = _site(specs[i - 1], in_vec, in_seed) if i > 0 else K.NO_SITE
             norm = _norm(s, vecs[i], gammas[i], betas[i], means[i], variances[i], counts[i])
             plans.append(K.LinearFwd(h, weights[i], biases[i], site_in, norm, zs[i] if zs else None, nw, i > 0))
         plan = plans[i - start]
@@ -190,9 +210,64 @@ def _forward(key, x, h, start: int, specs, weights, biases, vecs, gammas, betas,
                 plans.append(K.ActFwd(h, _site(last, vecs[-1], seeds[-1])))
             out = plans[-1](h, vecs[-1], seeds[-1])
         saved.insert(0, out)
-    if fresh:
-        _keep(key, plans)
     return saved
+
+
+def _run_backward(plans, fresh, specs, g_y, x, weights, zs, vecs, gammas, betas, seeds, input_grad: bool):
+    """The chain's backward with `plans` (made into it when `fresh`) from g_y = dL/d out
+    (contiguous) and the forward's per-block zs and vecs: (grad_x or None, then per block
+    lists of dW, db, dgamma, dbeta, None where there is none), in the parameters' dtypes."""
+    M, L = x.shape[0], len(weights)
+    if fresh:
+        norms = [_norm(s, v, g, b) for s, v, g, b in zip(specs, vecs, gammas, betas)]
+        sites = [_site(s, v, seed) for s, v, seed in zip(specs, vecs, seeds)]
+    dws, dbs, dgammas, dbetas = [None] * L, [None] * L, [None] * L, [None] * L
+    scratch = tickets = None
+
+    def buffers(plan):
+        nonlocal scratch, tickets
+        if scratch is None or plan.scratch > scratch.numel() or plan.tickets > tickets.numel():
+            scratch, tickets = K.launch.scratch(x.device, plan.scratch), K.launch.tickets(x.device, plan.tickets)
+
+    def bn_grads(i, dgamma, dbeta, uv, partials):
+        if partials is not None:
+            dgamma, dbeta = _synced_grads(partials, M, _norm(specs[i], vecs[i], gammas[i], betas[i], uv=uv),
+                                          specs[i].sync)
+        dgammas[i], dbetas[i] = dgamma, dbeta
+
+    uv = None  # u, v of the block whose backward runs next
+    last = specs[-1]
+    if last.bn_mode != NO_BN or last.act or last.drop_p:  # the last activation's backward
+        if fresh:
+            plans.append(K.ActBwd(g_y, zs[-1], sites[-1], norms[-1]))
+        plan = plans[0]
+        buffers(plan)
+        g_y, dgamma, dbeta, uv = plan(g_y, zs[-1], vecs[-1], seeds[-1], gammas[-1], betas[-1], scratch, tickets)
+        bn_grads(L - 1, dgamma, dbeta, uv, plan.partials(scratch))
+    first = len(plans) if fresh else len(plans) - L  # where the blocks' plans start (after ActBwd's)
+    later = None  # a block's dW that its launch left to the next one (kernels.LinearBwd)
+    later_plan = None  # (planning) that block's DeferredDW
+    for i in reversed(range(L)):
+        z = zs[i] if zs[i].numel() else g_y  # (empty: the chain's output was z itself)
+        h, in_vec, in_seed, in_gamma, in_beta = ((zs[i - 1], vecs[i - 1], seeds[i - 1], gammas[i - 1], betas[i - 1])
+                                                 if i > 0 else (x, None, None, None, None))
+        if fresh:
+            site_in, norm_in = (sites[i - 1], norms[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM)
+            plans.append(K.LinearBwd(g_y, z, weights[i], norms[i], h, site_in, norm_in, i > 0 or input_grad,
+                                     specs[i].has_bias, i > 0, later_plan, i > 0))
+        plan = plans[first + L - 1 - i]
+        buffers(plan)
+        g_y, dws[i], dbs[i], dgamma, dbeta, uv_in, later = plan(g_y, z, weights[i], vecs[i], uv, h, in_vec, in_seed,
+                                                                in_gamma, in_beta, seeds[i], later, scratch, tickets)
+        if fresh:
+            later_plan = K.DeferredDW(*later, h, site_in, plan.split_gz) if later is not None else None
+        if i > 0:
+            bn_grads(i - 1, dgamma, dbeta, uv_in, plan.partials(scratch))
+        uv = uv_in
+    return (g_y if input_grad else None), dws, dbs, dgammas, dbetas
+
+
+# ---- the custom ops
 
 
 def new_saved(x, weights, specs) -> List[Tensor]:
@@ -228,10 +303,12 @@ def chain_body(
     specs = unpack(ints, floats)
     key = _key("body", specs, None, (x, *weights), zs, (*biases, *gammas, *betas, *running_means, *running_vars))
     has_bias, has_gamma, has_beta, running, _, tracked, dropout = _flags(specs)
-    vecs = [v if s.bn_mode != NO_BN else None for v, s in zip(vecs, specs)]
-    _forward(key, x, x, 0, specs, weights, _expand(biases, has_bias), vecs, _expand(gammas, has_gamma),
-             _expand(betas, has_beta), _expand(running_means, running), _expand(running_vars, running),
-             _expand(num_batches, tracked), _expand(seeds, dropout), zs)
+    plans, fresh = _plans(key)
+    _run_forward(plans, fresh, x, x, 0, specs, weights, _expand(biases, has_bias), _vecs(x, weights, specs, vecs),
+                 _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(running_means, running),
+                 _expand(running_vars, running), _expand(num_batches, tracked), _expand(seeds, dropout), zs)
+    if fresh:
+        _keep(key, plans)
 
 
 def _chain_body_fake(x, zs, vecs, weights, biases, gammas, betas, running_means, running_vars, num_batches, seeds,
@@ -261,12 +338,14 @@ def chain_forward(
     key = _key("forward", specs, start, (x, *weights), body[0::_PER_BLOCK],
                (*biases, *gammas, *betas, *running_means, *running_vars))
     has_bias, has_gamma, has_beta, _, fixed, _, dropout = _flags(specs)
-    vecs = [v if s.bn_mode != NO_BN else None for v, s in zip(body[1::_PER_BLOCK], specs)]
-    vecs += [K.new_vec(w.shape[0], x.device) if s.bn_mode != NO_BN else None
-             for w, s in zip(weights[start:], specs[start:])]
-    return _forward(key, x, body[-_PER_BLOCK] if start else x, start, specs, weights, _expand(biases, has_bias),
-                    vecs, _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(running_means, fixed),
-                    _expand(running_vars, fixed), [None] * len(specs), _expand(seeds, dropout), output=True)
+    plans, fresh = _plans(key)
+    out = _run_forward(plans, fresh, x, body[-_PER_BLOCK] if start else x, start, specs, weights,
+                       _expand(biases, has_bias), _vecs(x, weights, specs, body[1::_PER_BLOCK]),
+                       _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(running_means, fixed),
+                       _expand(running_vars, fixed), [None] * len(specs), _expand(seeds, dropout), output=True)
+    if fresh:
+        _keep(key, plans)
+    return out
 
 
 def _chain_forward_fake(x, body, weights, biases, gammas, betas, running_means, running_vars, seeds, ints, floats):
@@ -333,67 +412,17 @@ def chain_backward(
     per-block [z, vec] of chain_body and chain_forward; gradients come out in their parameters'
     dtypes."""
     specs = unpack(ints, floats)
-    M, L = x.shape[0], len(weights)
     g_y = grad_out.contiguous()
-    zs, vecs = saved[0::_PER_BLOCK], saved[1::_PER_BLOCK]
+    zs = saved[0::_PER_BLOCK]
     key = _key("backward", specs, input_grad, (g_y, x, *weights), zs, (*gammas, *betas))
     _, has_gamma, has_beta, _, _, _, dropout = _flags(specs)
-    vecs = [v if s.bn_mode != NO_BN else None for v, s in zip(vecs, specs)]
-    gammas, betas, seeds = _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(seeds, dropout)
-    plans = _plans(key)
-    fresh = plans is None
-    if fresh:
-        plans = []
-        norms = [_norm(s, v, g, b) for s, v, g, b in zip(specs, vecs, gammas, betas)]
-        sites = [_site(s, v, seed) for s, v, seed in zip(specs, vecs, seeds)]
-    grads = [None] * (1 + 4 * L)  # (empty tensors where None is left)
-    scratch = tickets = None
-
-    def buffers(plan):
-        nonlocal scratch, tickets
-        if scratch is None or plan.scratch > scratch.numel() or plan.tickets > tickets.numel():
-            scratch, tickets = K.launch.scratch(x.device, plan.scratch), K.launch.tickets(x.device, plan.tickets)
-
-    def bn_grads(i, dgamma, dbeta, uv, partials):
-        if partials is not None:
-            dgamma, dbeta = _synced_grads(partials, M, _norm(specs[i], vecs[i], gammas[i], betas[i], uv=uv),
-                                          specs[i].sync)
-        grads[3 + 4 * i: 5 + 4 * i] = [dgamma, dbeta]
-
-    uv = None  # u, v of the block whose backward runs next
-    last = specs[-1]
-    if last.bn_mode != NO_BN or last.act or last.drop_p:  # the last activation's backward
-        if fresh:
-            plans.append(K.ActBwd(g_y, zs[-1], sites[-1], norms[-1]))
-        plan = plans[0]
-        buffers(plan)
-        g_y, dgamma, dbeta, uv = plan(g_y, zs[-1], vecs[-1], seeds[-1], gammas[-1], betas[-1], scratch, tickets)
-        bn_grads(L - 1, dgamma, dbeta, uv, plan.partials(scratch))
-    first = len(plans) if fresh else (len(plans) - L)  # where the blocks' plans start (after ActBwd's)
-    later = None  # a block's dW that its launch left to the next one (kernels.linear_bwd)
-    later_plan = None  # (planning) that block's DeferredDW
-    for i in reversed(range(L)):
-        z = zs[i] if zs[i].numel() else g_y  # (empty: the chain's output was z itself)
-        h, in_vec, in_seed, in_gamma, in_beta = ((zs[i - 1], vecs[i - 1], seeds[i - 1], gammas[i - 1], betas[i - 1])
-                                                 if i > 0 else (x, None, None, None, None))
-        if fresh:
-            site_in, norm_in = (sites[i - 1], norms[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM)
-            plans.append(K.LinearBwd(g_y, z, weights[i], norms[i], h, site_in, norm_in, i > 0 or input_grad,
-                                     specs[i].has_bias, i > 0, later_plan, i > 0))
-        plan = plans[first + L - 1 - i]
-        buffers(plan)
-        g_y, dw, db, dgamma, dbeta, uv_in, later = plan(g_y, z, weights[i], vecs[i], uv, h, in_vec, in_seed, in_gamma,
-                                                        in_beta, seeds[i], later, scratch, tickets)
-        if fresh:
-            later_plan = K.DeferredDW(*later, h, site_in, plan.split_gz) if later is not None else None
-        grads[1 + 4 * i: 3 + 4 * i] = [dw, db]
-        if i > 0:
-            bn_grads(i - 1, dgamma, dbeta, uv_in, plan.partials(scratch))
-        uv = uv_in
+    plans, fresh = _plans(key)
+    grad_x, *per_block = _run_backward(plans, fresh, specs, g_y, x, weights, zs, _vecs(x, weights, specs, saved[1::2]),
+                                       _expand(gammas, has_gamma), _expand(betas, has_beta), _expand(seeds, dropout),
+                                       input_grad)
     if fresh:
         _keep(key, plans)
-    if input_grad:
-        grads[0] = g_y
+    grads = [grad_x] + [g for block in zip(*per_block) for g in block]
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -431,15 +460,14 @@ def _backward(ctx, grads):
     sizes = [n_seeds, L, n_gamma, n_beta, n_bias, n_fixed, n_fixed]
     seeds, weights, gammas, betas, biases, running_means, running_vars = (
         list(saved[1 + sum(sizes[:i]):1 + sum(sizes[:i + 1])]) for i in range(len(sizes)))
-    rest = saved[1 + sum(sizes):]
+    specs = unpack(ctx.ints, ctx.floats)
     if R.differentiable(grad_out):  # create_graph=True or batched: chain_backward has no autograd
-        d_x, d_w, d_b, d_gamma, d_beta = _reference_backward(unpack(ctx.ints, ctx.floats), grad_out, x, seeds, weights,
-                                                             biases, gammas, betas, running_means, running_vars)
+        d_x, d_w, d_b, d_gamma, d_beta = _reference_backward(specs, grad_out, x, seeds, weights, biases, gammas, betas,
+                                                             running_means, running_vars)
     else:
-        out = chain_backward(grad_out, x, weights, list(rest), gammas, betas, seeds, ctx.ints,
+        out = chain_backward(grad_out, x, weights, list(saved[1 + sum(sizes):]), gammas, betas, seeds, ctx.ints,
                              ctx.floats, ctx.needs_input_grad[0])
         per = [out[1 + 4 * i: 5 + 4 * i] for i in range(L)]
-        specs = unpack(ctx.ints, ctx.floats)
         d_w = [g[0] for g in per]
         d_b = [g[1] for g, s in zip(per, specs) if s.has_bias]
         d_gamma = [g[2] for g, s in zip(per, specs) if s.has_gamma]
@@ -467,6 +495,111 @@ def _reference_backward(specs, grad, x, seeds, weights, biases, gammas, betas, r
 library.register_autograd(chain_forward, _backward, setup_context=_setup_context)
 
 
+# ---- eager calls
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _direct(tensors) -> bool:
+    """Whether `chain` may run its plans itself (`_Chain`) rather than through the custom ops:
+    not while torch.compile or export traces, under a dispatch or function mode (FakeTensorMode,
+    FlopCounterMode, ...) or the profiler (whose traces name the ops), and for plain tensors
+    only (a subclass dispatches through the ops)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled()):
+        return False
+    return all(type(t) in _PLAIN for t in tensors)
+
+
+class _Call(NamedTuple):
+    """One eager call of a chain (`_Chain`): the blocks' options, per-block lists of their
+    tensors (None where absent; running statistics and counters as the kernels take them in
+    training: those of the FIXED and tracked blocks), the dropout seeds, and the plans kept
+    for its key ("forward": the forward's; per backward key, a backward's)."""
+    specs: Tuple[Spec, ...]
+    weights: list
+    biases: list
+    gammas: list
+    betas: list
+    running_means: list
+    running_vars: list
+    num_batches: list
+    seeds: list
+    plans: dict
+
+
+def _run_call(call: _Call, x) -> List[Tensor]:
+    """The chain's forward for `call`: [out] + per block [z, vec]; the running statistics of the
+    tracked blocks updated, with their versions bumped as in-place ops bump them."""
+    plans = call.plans.get("forward")
+    fresh = plans is None
+    if fresh:
+        plans = []
+    out = _run_forward(plans, fresh, x, x, 0, call.specs, call.weights, call.biases, _vecs(x, call.weights, call.specs),
+                       call.gammas, call.betas, call.running_means, call.running_vars, call.num_batches, call.seeds,
+                       output=True)
+    if fresh:
+        call.plans["forward"] = plans
+    bumped = [t for s, *ts in zip(call.specs, call.running_means, call.running_vars, call.num_batches) if s.tracked
+              for t in ts]
+    if bumped:
+        torch.autograd.graph.increment_version(bumped)
+    return out
+
+
+class _Chain(torch.autograd.Function):
+    """A whole chain as one autograd node, for eager calls (module docstring). Its inputs: the
+    `_Call`, x, the weights, then the biases, gammas and betas the blocks have. The forward runs
+    every block as chain_body and chain_forward do; the backward as chain_backward does, or
+    differentiably as the ops' autograd does for a double backward."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, x, *params):
+        out, *saved = _run_call(call, x)
+        ctx.call, ctx.vecs = call, _vecs(x, call.weights, call.specs, saved[1::_PER_BLOCK])
+        ctx.set_materialize_grads(False)
+        # past the weights and zs: for the differentiable recomputation (and version checks) only
+        fixed = [s.bn_mode == FIXED for s in call.specs]
+        ctx.save_for_backward(x, *saved[0::_PER_BLOCK], *params,
+                              *[m for m, f in zip(call.running_means, fixed) if f],
+                              *[v for v, f in zip(call.running_vars, fixed) if f])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        call = ctx.call
+        specs = call.specs
+        L = len(specs)
+        if grad_out is None:
+            return (None,) * (2 + L + sum(map(len, (_present(call.biases), _present(call.gammas),
+                                                   _present(call.betas)))))
+        saved = ctx.saved_tensors
+        x, zs, params = saved[0], list(saved[1:1 + L]), saved[1 + L:]
+        n = [len(_present(ts)) for ts in (call.biases, call.gammas, call.betas)]
+        weights = list(params[:L])
+        biases, gammas, betas = (list(params[L + sum(n[:i]):L + sum(n[:i + 1])]) for i in range(3))
+        input_grad = ctx.needs_input_grad[1]
+        if R.differentiable(grad_out):  # create_graph=True or batched
+            fixed_rest = params[L + sum(n):]
+            d_x, d_w, d_b, d_gamma, d_beta = _reference_backward(
+                specs, grad_out, x, _present(call.seeds), weights, biases, gammas, betas,
+                list(fixed_rest[:len(fixed_rest) // 2]), list(fixed_rest[len(fixed_rest) // 2:]))
+            return (None, d_x if input_grad else None, *d_w, *d_b, *d_gamma, *d_beta)
+        g_y = grad_out.contiguous()
+        key = (input_grad, g_y.dtype, g_y.shape, g_y.stride(), g_y.data_ptr() & 15, _state())
+        plans = call.plans.get(key)
+        fresh = plans is None
+        if fresh:
+            plans = []
+        d_x, d_w, d_b, d_gamma, d_beta = _run_backward(plans, fresh, specs, g_y, x, weights, zs, ctx.vecs, call.gammas,
+                                                       call.betas, call.seeds, input_grad)
+        if fresh:
+            call.plans[key] = plans
+        return (None, d_x, *d_w, *_present(d_b), *[g for g, t in zip(d_gamma, call.gammas) if t is not None],
+                *[g for g, t in zip(d_beta, call.betas) if t is not None])
+
+
 def draw_seed(device) -> Tensor:
     """One int64 dropout seed [1] from torch's generator on `device`, drawn per block with
     dropout in block order: seeded runs repeat, an eager model can draw the same stream, and
@@ -474,12 +607,28 @@ def draw_seed(device) -> Tensor:
     return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
 
 
-def _present(tensors, keep=None):
-    return [t for i, t in enumerate(tensors) if t is not None and (keep is None or keep[i])]
+def _specs(blocks: List[Block], tensors: Tensors, biases) -> Tuple[Spec, ...]:
+    """Each block's options, read as eager's modules read them in this call."""
+    specs = []
+    for blk, bias, gamma, beta, rm, rv in zip(blocks, biases, tensors.gammas, tensors.betas, tensors.running_means,
+                                             tensors.running_vars):
+        bn, drop, (act, slope) = blk.bn, blk.dropout, act_spec(blk.act)
+        drop_p = float(drop.p) if drop is not None and drop.training else 0.0
+        if bn is None:
+            specs.append(Spec(bias is not None, False, False, NO_BN, False, False, K.ACTIVATIONS[act], 0, slope,
+                              drop_p, 0.0, 0.0))
+            continue
+        batch = bn.training or (rm is None and rv is None)  # (chain.uses_batch_stats, updates_running_stats)
+        tracked = bn.training and bn.track_running_stats and rm is not None
+        specs.append(Spec(bias is not None, gamma is not None, beta is not None, BATCH if batch else FIXED, tracked,
+                          bn.momentum is None, K.ACTIVATIONS[act], D.group_id(bn) if D.needs_sync(bn) else 0, slope,
+                          drop_p, float(bn.eps), float(bn.momentum or 0.0)))
+    return tuple(specs)
 
 
-def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
-    """Run `blocks` on `x` through the custom ops (inputs already validated).
+def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False) -> Tensor:
+    """Run `blocks` on `x` fused (inputs already validated; `tensors` the blocks' parameters and
+    buffers, chain.read): eager calls through `_Chain`, others through the custom ops.
 
     `upcast` runs 16-bit inputs through fp32 kernels and casts back (Triton's interpreter
     mishandles bf16); gradients and running statistics still land in the original dtype.
@@ -493,46 +642,57 @@ def chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Tensor:
     copy of the running statistics. Casts here are plain PyTorch, so they trace under
     torch.compile too.
     """
-    lin = [b.linear for b in blocks]
-    bns = [b.bn for b in blocks]
     low = autocast_dtype(x)
     dtype = low if low is not None else x.dtype
-    cast = (lambda t: t if t is None else t.float()) if upcast and dtype != torch.float32 else (lambda t: t)
-    lin_cast = (lambda t: cast(t if t is None else t.to(low))) if low is not None else cast
-    weights = [lin_cast(state(m, "weight")) for m in lin]
-    biases = [lin_cast(state(m, "bias")) for m in lin]
-    gammas = [cast(state(bn, "weight")) if bn is not None else None for bn in bns]
-    betas = [cast(state(bn, "bias")) if bn is not None else None for bn in bns]
-    run_means = [cast(state(bn, "running_mean")) if bn is not None else None for bn in bns]
-    run_vars = [cast(state(bn, "running_var")) if bn is not None else None for bn in bns]
-    specs = []
-    for blk, bias, gamma, beta in zip(blocks, biases, gammas, betas):
-        bn, (act, slope) = blk.bn, act_spec(blk.act)
-        drop_p = float(blk.dropout.p) if blk.dropout is not None and blk.dropout.training else 0.0
-        mode = NO_BN if bn is None else BATCH if uses_batch_stats(bn) else FIXED
-        specs.append(Spec(
-            bias is not None, gamma is not None, beta is not None, mode, bn is not None and updates_running_stats(bn),
-            bn is not None and bn.momentum is None, K.ACTIVATIONS[act], D.group_id(bn) if D.needs_sync(bn) else 0,
-            slope, drop_p, float(bn.eps) if bn is not None else 0.0, float(bn.momentum or 0.0) if bn else 0.0))
-    x = lin_cast(x)
-    seeds = [draw_seed(x.device) for s in specs if s.drop_p > 0]
-    ints, floats = pack(specs)
+    weights, biases, gammas, betas, run_means, run_vars, counts = tensors
+    if low is not None or (upcast and dtype != torch.float32):
+        cast = (lambda t: t if t is None else t.float()) if upcast and dtype != torch.float32 else (lambda t: t)
+        lin_cast = (lambda t: cast(t if t is None else t.to(low))) if low is not None else cast
+        weights, biases, x = [lin_cast(w) for w in weights], [lin_cast(b) for b in biases], lin_cast(x)
+        gammas, betas, run_means, run_vars = ([cast(t) for t in ts] for ts in (gammas, betas, run_means, run_vars))
+    specs = _specs(blocks, tensors, biases)
+    seeds = [draw_seed(x.device) if s.drop_p > 0 else None for s in specs]
+    # in training the running statistics of the tracked blocks are updated, those of the FIXED read
+    running = [s.bn_mode == FIXED or s.tracked for s in specs]
+    run_means = [t if r else None for t, r in zip(run_means, running)]
+    run_vars = [t if r else None for t, r in zip(run_vars, running)]
+    counts = [t if s.tracked else None for t, s in zip(counts, specs)]
+    params = [*weights, *_present(biases), *_present(gammas), *_present(betas)]
+    if _direct([x, *params, *_present(run_means), *_present(run_vars)]):
+        key = _key("chain", specs, None, (x, *weights), (), (*params[len(weights):], *_present(run_means),
+                                                             *_present(run_vars)))
+        plans, fresh = _plans(key, dict)
+        if fresh:
+            _keep(key, plans)
+        call = _Call(specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds, plans)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
+            out = _Chain.apply(call, x, *params)
+        else:
+            out = _run_call(call, x)[0]
+    else:
+        out = _through_ops(x, specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds)
+    for i, s in enumerate(specs):
+        bn = blocks[i].bn
+        if s.tracked and run_means[i] is not tensors.running_means[i]:  # upcast copies: write back
+            bn.running_mean.copy_(run_means[i])
+            bn.running_var.copy_(run_vars[i])
+    return out.to(dtype)
 
-    # the blocks up to the last one that updates running statistics run in chain_body
+
+def _through_ops(x, specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds) -> Tensor:
+    """`chain` through the custom ops: the blocks up to the last one that updates running
+    statistics in chain_body, the rest with the whole chain's autograd in chain_forward."""
+    ints, floats = pack(specs)
+    seeds = _present(seeds)
     n = max([i + 1 for i, s in enumerate(specs) if s.tracked] or [0])
     body = new_saved(x, weights[:n + 1], specs[:n])
     if n:
-        running = [s.bn_mode == FIXED or s.tracked for s in specs[:n]]
-        num_batches = [state(bn, "num_batches_tracked") for bn, s in zip(bns, specs[:n]) if s.tracked]
         with torch.no_grad():
             chain_body(x, body[0::_PER_BLOCK], body[1::_PER_BLOCK], weights[:n + 1], _present(biases[:n]),
-                       _present(gammas[:n]), _present(betas[:n]), _present(run_means[:n], running),
-                       _present(run_vars[:n], running), num_batches, seeds, ints[:n * _INTS], floats[:n * _FLOATS])
-        for i in range(n):
-            if specs[i].tracked and run_means[i] is not state(bns[i], "running_mean"):  # upcast copies: write back
-                bns[i].running_mean.copy_(run_means[i])
-                bns[i].running_var.copy_(run_vars[i])
+                       _present(gammas[:n]), _present(betas[:n]), _present(run_means[:n]), _present(run_vars[:n]),
+                       _present(counts[:n]), seeds, ints[:n * _INTS], floats[:n * _FLOATS])
     fixed = [s.bn_mode == FIXED for s in specs]
     res = chain_forward(x, body, weights, _present(biases), _present(gammas), _present(betas),
-                        _present(run_means, fixed), _present(run_vars, fixed), seeds, ints, floats)
-    return res[0].to(dtype)
+                        _present([t if f else None for t, f in zip(run_means, fixed)]),
+                        _present([t if f else None for t, f in zip(run_vars, fixed)]), seeds, ints, floats)
+    return res[0]

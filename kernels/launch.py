@@ -73,22 +73,26 @@ class Launch:
     """A launch of `kernel` on `grid` (3 ints) with its constexpr `consts` (in the kernel's
     parameter order), `num_warps` and `num_stages`, planned once; called with the runtime
     arguments (kernel order, before the constexprs) of each launch. See the module docstring."""
-    __slots__ = ("kernel", "grid", "consts", "num_warps", "num_stages", "compiled")
+    __slots__ = ("kernel", "grid", "consts", "num_warps", "num_stages", "handle")
 
     def __init__(self, kernel, grid, consts, num_warps: int, num_stages: int):
         self.kernel, self.grid, self.consts = kernel, grid, tuple(consts)
         self.num_warps, self.num_stages = num_warps, num_stages
-        self.compiled = None
+        self.handle = None  # (launcher, function, packed metadata) of the compiled kernel
 
     def __call__(self, args) -> None:
-        compiled = self.compiled
-        if compiled is None or INTERPRET or _hooked():
+        handle = self.handle
+        if handle is None or INTERPRET or _hooked():
             compiled = self.kernel[self.grid](*args, *self.consts, num_warps=self.num_warps,
                                               num_stages=self.num_stages)
             if not (INTERPRET or _hooked()):
-                self.compiled = compiled
+                self.handle = compiled.run, compiled.function, compiled.packed_metadata
             return
-        _direct(compiled, self.grid, args, self.consts)
+        run, function, metadata = handle
+        driver = triton.runtime.driver.active
+        grid = self.grid
+        run(grid[0], grid[1], grid[2], driver.get_current_stream(driver.get_current_device()), function, metadata,
+            None, None, None, *args, *self.consts)
 
 
 def run(kernel, grid, args, consts, num_warps: int, num_stages: int):

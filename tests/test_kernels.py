@@ -6,6 +6,8 @@ atol scaled by the reference's magnitude. The rule is flip-aware: a ReLU decisio
 pre-activation within rounding of 0 may go either way (see `compare`). Runs the kernels through Triton's interpreter on
 the CPU (or on a GPU with DWFAST_TEST_GPU=1).
 """
+import collections
+import contextlib
 import copy
 import inspect
 from types import SimpleNamespace
@@ -13,8 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import requires_cuda
+from dwfast import ops
 from dwfast.chain import Block, eager_chain
 from dwfast.functional import fused_chain
 
@@ -329,6 +333,41 @@ def test_backward_is_deterministic(kernel_device):
         grads.append([b.linear.weight.grad.clone() for b in blocks])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+class _PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing: with one active, chains go through the custom ops."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(dropout=0.25, last_act=True), dict(bn=False)],
+                         ids=["bn", "dropout_last_act", "no_bn"])
+def test_eager_calls_match_the_custom_ops(kernel_device, options, monkeypatch):
+    """Eager calls run the plans themselves (ops._Chain); traced ones through the custom ops
+    (chain_body, chain_forward, chain_backward): the same launches, so bitwise the same
+    outputs, gradients and running statistics, over two steps (the second reuses the plans)."""
+    paths = collections.Counter()
+    for name in ("_run_call", "chain_forward"):
+        def counted(*args, _fn=getattr(ops, name), _name=name):
+            paths[_name] += 1
+            return _fn(*args)
+        monkeypatch.setattr(ops, name, counted)
+    blocks = cast(make_chain(20, [150, 33, 5], **options), torch.float32, kernel_device)  # (150: not whole-net)
+    x = torch.randn(70, 20, device=kernel_device)
+    grad_out = torch.randn(70, 5, device=kernel_device)
+    results = []
+    for through_ops in (False, True):
+        copies = copy.deepcopy(blocks)
+        with _PassThrough() if through_ops else contextlib.nullcontext():
+            for _ in range(2):
+                res = _seeded(kernel_device, run, fused_chain, copies, x, grad_out)
+        results.append(res)
+    assert paths == {"_run_call": 2, "chain_forward": 2}
+    assert results[0].keys() == results[1].keys()
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1][name]), name
 
 
 @pytest.mark.parametrize("at,flip_allowed", [(2.0 ** -18, True), (0.5, False)])
