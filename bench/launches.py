@@ -2,8 +2,9 @@
 
     python -m bench.launches [--depth 8 --width 256 --batch 4096 --dtype bf16 --no-batchnorm ...]
 
-A training step here is a model's forward and backward (`model(x).backward(grad)`), the loss
-and the optimizer aside (they cost every implementation the same). Two counts per step:
+A training step here is a model's forward and backward (`model(x).backward(grad)`) after its
+gradients are set to None as optimizer.zero_grad() sets them; the loss and the rest of the
+optimizer aside (they cost every implementation the same). Two counts per step:
 - Triton kernels: dwfast's, recorded by the stand-in GPU (bench/standin.py) while the step runs
   down the kernel path: each launch compiled for sm_90 as a real launch is, then dropped.
 - PyTorch ops that launch a kernel on a GPU: every ATen op the step runs, autograd's own
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections import Counter
 from typing import NamedTuple
 
@@ -64,14 +66,22 @@ class Step(NamedTuple):
         return sum(self.triton.values()) + sum(self.torch.values())
 
 
+_PARAMS = weakref.WeakKeyDictionary()  # per model, its parameters
+
+
 def _step(model, x, grad):
-    """Forward and backward (gradients set to None first, as optimizer.zero_grad() does), or with
-    `grad` None a forward under no_grad."""
+    """Forward and backward (gradients set to None first, as optimizer.zero_grad() does: over a
+    list of parameters, not model.zero_grad()'s walk of the modules), or with `grad` None a
+    forward under no_grad."""
     if grad is None:
         with torch.no_grad():
             model(x)
         return
-    model.zero_grad(set_to_none=True)
+    params = _PARAMS.get(model)
+    if params is None:
+        params = _PARAMS[model] = list(model.parameters())
+    for p in params:
+        p.grad = None
     model(x).backward(grad)
 
 
