@@ -130,6 +130,37 @@ def host_us(model, x, grad, steps: int = 20, standin: bool = True) -> float:
     return sorted(times[2:])[len(times[2:]) // 2] * 1e6
 
 
+class _Passthrough(torch.autograd.Function):
+    """x, and in the backward ready-made gradients for every parameter: what autograd's engine
+    costs a step for its parameters alone (engine_us)."""
+
+    @staticmethod
+    def forward(ctx, grads, x, *params):
+        ctx.grads = grads
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, grad, *ctx.grads)
+
+
+def engine_us(model, steps: int = 20) -> float:
+    """Median host microseconds autograd's engine takes to hand a backward's gradients to
+    `model`'s parameters (one AccumulateGrad node each), with nothing else computed: a part of
+    any implementation's step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) for p in params]
+    x, times = torch.zeros(1, requires_grad=True), []
+    for _ in range(steps + 2):
+        for p in params:
+            p.grad = None
+        out = _Passthrough.apply(grads, x, *params)
+        t0 = time.thread_time()
+        out.backward(torch.ones(1))
+        times.append(time.thread_time() - t0)
+    return sorted(times[2:])[len(times[2:]) // 2] * 1e6
+
+
 def _counted_steps(model, x, grad, steps: int, standin: bool) -> None:
     """`steps` training steps with callgrind's collection on, after three without (warm-up and,
     on the stand-in, compiles); this process runs under valgrind --tool=callgrind
@@ -217,6 +248,9 @@ def main(argv=None):
           "(stand-in GPU: Python and Triton work up to the driver call)")
     us = host_us(*host_eager, args.steps, standin=False)
     print(f"eager host time: {us:.0f} us per step (run on the CPU at 2 rows, fp32: dispatch and a little arithmetic)")
+    n_params = sum(1 for _ in fused.parameters())
+    print(f"of either, autograd's engine handing {n_params} parameters their gradients: {engine_us(fused, args.steps):.0f}"
+          " us (behind a node that computes nothing)")
     if args.instructions:
         child = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--instructions"]
         counts = {which: instructions_per_step(child, which, args.steps) for which in ("dwfast", "eager")}

@@ -69,6 +69,7 @@ def test_command_line():
     out = res.stdout
     assert "dwfast: 6 launches per step, 2.00 per block (6 Triton kernels, 0 PyTorch ops)" in out, out
     assert "eager: " in out and "host time" in out, out
+    assert re.search(r"autograd's engine handing 10 parameters their gradients: \d+ us", out), out
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (on every machine this project runs on)")
