@@ -128,9 +128,10 @@ def _state() -> tuple:
 
 
 def _key(name, specs, extra, tensors, activations, vectors) -> tuple:
-    """A chain plan's key (above): its op, the blocks' options and `extra`, then what plans read
-    of `tensors`, `activations` and `vectors`, and the global state."""
-    return (name, specs, extra, _state(), tuple([(t.dtype, t.shape, t.stride(), t.data_ptr() & 15) for t in tensors]),
+    """A chain plan's key (above): its op, the blocks' options and `extra`, the global state,
+    the device of `tensors[0]`, then what plans read of `tensors`, `activations` and `vectors`."""
+    return (name, specs, extra, _state(), tensors[0].device,  # (a compiled kernel's handle is per device)
+            tuple([(t.dtype, t.shape, t.stride(), t.data_ptr() & 15) for t in tensors]),
             tuple([(t.shape, t.stride(), t.storage_offset(), t.untyped_storage().nbytes(), t.data_ptr() & 15)
                    for t in activations]),
             tuple([t.dtype for t in vectors]))
@@ -199,7 +200,7 @@ def _run_forward(plans, fresh, x, h, start: int, specs, weights, biases, vecs, g
         if s.sync:
             _synced_stats(plan.partials(scratch), x.shape[0],
                           _norm(s, vecs[i], gammas[i], betas[i], means[i], variances[i], counts[i]), s.sync)
-        saved += [h, vecs[i] if vecs[i] is not None else x.new_empty(0)]
+        saved += [h, vecs[i] if vecs[i] is not None else x.new_empty(0)]  # (outputs of an op may not alias)
     if output:
         last = specs[-1]
         if last.bn_mode == NO_BN and not last.act and not last.drop_p:
