@@ -276,6 +276,7 @@ def _specialisation(src) -> tuple:
     names = src.fn.arg_names
     declared = {p.name for p in src.fn.params if p.is_constexpr}
     flags = {names[k[0]]: getattr(v, "value", v) for k, v in src.constants.items() if names[k[0]] in declared}
+    flags = {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v) for k, v in flags.items()}  # (dtypes)
     div16 = {names[k[0]] for k, attrs in src.attrs.items() if ["tt.divisibility", 16] in [list(a) for a in attrs]}
     plain = [n for n, ty in src.signature.items()
              if n not in div16 and (ty.startswith("*") or ty[:1] in "iu") and (names.index(n),) not in src.constants]

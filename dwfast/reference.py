@@ -79,19 +79,6 @@ def chain_reference(
     return h
 
 
-def mlp_reference(x: Tensor, w_in: Tensor, w_hid: Tensor, w_out: Tensor, b_hid: Tensor, b_out: Tensor,
-                  hid_relu: bool, out_relu: bool) -> Tensor:
-    """The whole-net op's output (``dwfast::mlp_train``: packed, zero-padded operands, no
-    BatchNorm) as :func:`chain_reference` computes it."""
-    weights = [w_in, *w_hid.unbind(0), w_out]
-    L = len(weights)
-    acts = [K.ACTIVATIONS["relu" if hid_relu else "none"]] * (L - 1)
-    acts.append(K.ACTIVATIONS["relu" if out_relu else "none"])
-    none = [None] * L
-    return chain_reference(x, weights, [*b_hid.unbind(0), b_out], none, none, none, none, [],
-                           [NO_BN] * L, acts, [0.0] * L, [0.0] * L, [0.0] * L)
-
-
 def differentiable(grad: Tensor) -> bool:
     """Whether a fused op's backward, given `grad`, must run differentiably: grad mode is on
     inside it (``create_graph=True``) or `grad` is batched (vmap over the backward)."""

@@ -1,8 +1,10 @@
-"""The whole-net path: a narrow chain as one kernel launch forward (and one backward).
+"""The whole-net path: a narrow chain as one kernel launch forward (and one backward), plus
+one launch each way that packs the layers' own tensors and unpacks their gradients
+(kernels/fused_mlp.py), whatever the depth; no PyTorch op runs.
 
     mlp_infer     no-grad forward, eval BatchNorm folded from running statistics
     mlp_train     forward storing each hidden layer's z (no BatchNorm); autograd
-    mlp_backward  its backward: one launch, input and every parameter gradient
+    mlp_backward  its backward: input and every parameter gradient
 
 The rule (:func:`qualifies`): the chain runs whole when
   - it has at least 2 blocks, on a 2-D fp16 / bf16 / fp32 input;
@@ -12,8 +14,8 @@ The rule (:func:`qualifies`): the chain runs whole when
     its own), and no Dropout is active;
   - and EITHER no block has BatchNorm (training or inference: gradients come from the
     fused backward), OR every BatchNorm uses running statistics (eval mode with
-    track_running_stats) and no gradient is needed (grad mode off, or neither the input
-    nor any parameter requires grad): BatchNorm is folded in.
+    track_running_stats), their tensors share one dtype, and no gradient is needed (grad
+    mode off, or neither the input nor any parameter requires grad): BatchNorm is folded in.
 Anything else, notably training with batch statistics (every row of a layer needs the
 whole batch's statistics before the next layer can start), takes the per-layer chain
 (``dwfast.ops.chain``). ``dwfast.set_whole_net("never")`` (or ``DWFAST_WHOLE_NET=never``)
@@ -24,16 +26,17 @@ layer, which is deadlock-free only when every program is resident at once. Trito
 cooperative launch to guarantee that, the interpreter runs programs one after another (a
 barrier would hang it), and it cannot be verified here without a GPU.
 """
+import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels as K
 from . import library
 from . import reference as R
-from .chain import Block, state, uses_batch_stats
-from .kernels.fused_mlp import mlp_bwd, mlp_fwd
+from .chain import NO_BN, Block, state, uses_batch_stats
+from .kernels.fused_mlp import layer_table, mlp_bwd, mlp_fwd, mlp_pack, packed_shapes, views
 
 MIN_WIDTH, MAX_WIDTH = 16, 128
 
@@ -56,6 +59,10 @@ def qualifies(x: Tensor, blocks: List[Block]) -> Optional[str]:
     bns = [b.bn for b in blocks if b.bn is not None]
     if any(uses_batch_stats(bn) for bn in bns):
         return None
+    # the pack kernel reads BatchNorm's tensors in one dtype
+    if len({t.dtype for bn in bns for name in ("running_mean", "running_var", "weight", "bias")
+            for t in (state(bn, name),) if t is not None}) > 1:
+        return None
     # (a Linear's and a BatchNorm1d's parameters are their weight and bias)
     params = [state(m, name) for b in blocks for m in (b.linear, b.bn) if m is not None for name in ("weight", "bias")]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
@@ -64,17 +71,48 @@ def qualifies(x: Tensor, blocks: List[Block]) -> Optional[str]:
     return "infer"
 
 
+def _flags(ints: List[int]) -> Tuple[list, list, list, list]:
+    """Per layer: has a bias, a BatchNorm, its gamma, its beta (the ops' `ints`, 4 per layer)."""
+    return ints[0::4], ints[1::4], ints[2::4], ints[3::4]
+
+
+def _expand(present: List[Tensor], flags) -> List[Optional[Tensor]]:
+    it = iter(present)
+    return [next(it) if f else None for f in flags]
+
+
+def _hidden(weights: List[Tensor]) -> int:
+    """H: the hidden widths' power of two (at least MIN_WIDTH)."""
+    return max(MIN_WIDTH, 1 << (max(w.shape[0] for w in weights[:-1]) - 1).bit_length())
+
+
+def _table(weights, biases, ints, norms=None):
+    has_bias = _flags(ints)[0]
+    return layer_table(weights, _expand(biases, has_bias), norms or [None] * len(weights), weights[0].device)
+
+
 @library.custom_op("mlp_infer")
 def mlp_infer(
-    x: Tensor, w_in: Tensor, w_hid: Tensor, w_out: Tensor, b_hid: Tensor, b_out: Tensor,
-    bn_hid: Optional[Tensor], bn_out: Optional[Tensor], hid_relu: bool, out_relu: bool,
+    x: Tensor, weights: List[Tensor], biases: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
+    gammas: List[Tensor], betas: List[Tensor], ints: List[int], eps: List[float], hid_relu: bool, out_relu: bool,
 ) -> Tensor:
-    """The chain's output in one launch; packed operands as `kernels.fused_mlp.mlp_fwd`."""
-    return mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid, bn_out, hid_relu=hid_relu, out_relu=out_relu)[0]
+    """The chain's output in two launches (pack, forward), eval BatchNorm folded. `ints`: per
+    layer whether it has a bias, BatchNorm, gamma, beta; the lists hold the layers' that do;
+    `eps` per layer (BatchNorm's, 0.0 without)."""
+    has_bias, has_bn, has_gamma, has_beta = _flags(ints)
+    means, variances = _expand(running_means, has_bn), _expand(running_vars, has_bn)
+    gammas, betas = _expand(gammas, has_gamma), _expand(betas, has_beta)
+    norms = [(m, v, g, b, e) if m is not None else None for m, v, g, b, e in zip(means, variances, gammas, betas, eps)]
+    table, _ = _table(weights, biases, ints, norms)
+    L, H, N_out = len(weights), _hidden(weights), weights[-1].shape[0]
+    bn_dtype = running_means[0].dtype if running_means else None
+    _, (w_in, w_hid, w_out, b_hid, b_out), bn = mlp_pack(x, table, L, H, N_out, bn_dtype)
+    return mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, *(bn or (None, None)), hid_relu=hid_relu,
+                   out_relu=out_relu)[0]
 
 
-def _mlp_infer_fake(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid, bn_out, hid_relu, out_relu):
-    return x.new_empty(x.shape[0], w_out.shape[0])
+def _mlp_infer_fake(x, weights, biases, running_means, running_vars, gammas, betas, ints, eps, hid_relu, out_relu):
+    return x.new_empty(x.shape[0], weights[-1].shape[0])
 
 
 library.register_fake(mlp_infer, _mlp_infer_fake)
@@ -82,15 +120,26 @@ library.register_fake(mlp_infer, _mlp_infer_fake)
 
 @library.custom_op("mlp_train")
 def mlp_train(
-    x: Tensor, w_in: Tensor, w_hid: Tensor, w_out: Tensor, b_hid: Tensor, b_out: Tensor,
-    hid_relu: bool, out_relu: bool,
-) -> Tuple[Tensor, Tensor]:
-    """(out, z): the chain without BatchNorm, keeping the hidden z [L-1, B, H] for backward."""
-    return mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu=hid_relu, out_relu=out_relu, store_z=True)
+    x: Tensor, weights: List[Tensor], biases: List[Tensor], ints: List[int], hid_relu: bool, out_relu: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, z, packed): the chain without BatchNorm in two launches, keeping the hidden z
+    [L-1, B, H] and the packed operands (kernels.fused_mlp.mlp_pack's flat buffer) for backward."""
+    table, _ = _table(weights, biases, ints)
+    L, H = len(weights), _hidden(weights)
+    packed, (w_in, w_hid, w_out, b_hid, b_out), _ = mlp_pack(x, table, L, H, weights[-1].shape[0])
+    out, z = mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu=hid_relu, out_relu=out_relu, store_z=True)
+    return out, z, packed
 
 
-def _mlp_train_fake(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu, out_relu):
-    return x.new_empty(x.shape[0], w_out.shape[0]), x.new_empty(w_hid.shape[0] + 1, x.shape[0], w_in.shape[0])
+def _packed_size(x, weights) -> int:
+    L, H = len(weights), _hidden(weights)
+    return sum(math.prod(shape) for shape in packed_shapes(L, H, x.shape[1], weights[-1].shape[0]))
+
+
+def _mlp_train_fake(x, weights, biases, ints, hid_relu, out_relu):
+    H = _hidden(weights)
+    return (x.new_empty(x.shape[0], weights[-1].shape[0]), x.new_empty(len(weights) - 1, x.shape[0], H),
+            x.new_empty(_packed_size(x, weights)))
 
 
 library.register_fake(mlp_train, _mlp_train_fake)
@@ -98,79 +147,72 @@ library.register_fake(mlp_train, _mlp_train_fake)
 
 @library.custom_op("mlp_backward")
 def mlp_backward(
-    grad_out: Tensor, x: Tensor, z: Tensor, out: Tensor, w_in: Tensor, w_hid: Tensor, w_out: Tensor,
-    hid_relu: bool, out_relu: bool, input_grad: bool,
+    grad_out: Tensor, x: Tensor, z: Tensor, out: Tensor, packed: Tensor, weights: List[Tensor], biases: List[Tensor],
+    ints: List[int], hid_relu: bool, out_relu: bool, input_grad: bool,
 ) -> List[Tensor]:
-    """[grad_x (empty unless `input_grad`), dw_in, dw_hid, dw_out, db_hid, db_out], packed."""
-    grad_x, *grads = mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, hid_relu=hid_relu, out_relu=out_relu,
-                             input_grad=input_grad)
-    return [grad_x if input_grad else x.new_empty(0)] + grads
+    """[grad_x (empty unless `input_grad`), grads]: grads flat, every layer's dW and then db
+    (where it has a bias) in turn, in x's dtype; two launches (backward, gradient sums)."""
+    table, sizes = _table(weights, biases, ints)
+    L, H, N_out = len(weights), _hidden(weights), weights[-1].shape[0]
+    w_in, w_hid, w_out, _, _ = views(packed, packed_shapes(L, H, x.shape[1], N_out))
+    grad_x, grads = mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, table, sum(sizes), hid_relu=hid_relu,
+                            out_relu=out_relu, input_grad=input_grad)
+    return [grad_x if input_grad else x.new_empty(0), grads]
 
 
-def _mlp_backward_fake(grad_out, x, z, out, w_in, w_hid, w_out, hid_relu, out_relu, input_grad):
-    grad_x = x.new_empty(x.shape) if input_grad else x.new_empty(0)
-    H = w_in.shape[0]
-    return [grad_x, w_in.new_empty(w_in.shape), w_hid.new_empty(w_hid.shape), w_out.new_empty(w_out.shape),
-            x.new_empty(z.shape[0], H), x.new_empty(w_out.shape[0])]
+def _mlp_backward_fake(grad_out, x, z, out, packed, weights, biases, ints, hid_relu, out_relu, input_grad):
+    size = sum(w.numel() for w in weights) + sum(b.numel() for b in biases)
+    return [x.new_empty(x.shape) if input_grad else x.new_empty(0), x.new_empty(size)]
 
 
 library.register_fake(mlp_backward, _mlp_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_in, w_hid, w_out, b_hid, b_out, hid_relu, out_relu = inputs
-    out, z = output
-    ctx.save_for_backward(x, z, out, w_in, w_hid, w_out, b_hid, b_out)  # the biases: for R.vjp
-    ctx.hid_relu, ctx.out_relu = hid_relu, out_relu
+    x, weights, biases, ints, hid_relu, out_relu = inputs
+    out, z, packed = output
+    ctx.save_for_backward(x, z, out, packed, *weights, *biases)
+    ctx.L, ctx.ints, ctx.hid_relu, ctx.out_relu = len(weights), ints, hid_relu, out_relu
+    ctx.set_materialize_grads(False)  # z and packed take no gradient: no zeros for them
 
 
-def _backward(ctx, grad_out, _grad_z):
-    x, z, out, w_in, w_hid, w_out, b_hid, b_out = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_z, _grad_packed):
+    L = ctx.L
+    if grad_out is None:
+        return None, [None] * L, None, None, None, None
+    x, z, out, packed, *rest = ctx.saved_tensors
+    weights, biases = list(rest[:L]), list(rest[L:])
+    has_bias = _flags(ctx.ints)[0]
     if R.differentiable(grad_out):  # create_graph=True or batched: mlp_backward has no autograd
-        grads = R.vjp(R.mlp_reference, [x, w_in, w_hid, w_out, b_hid, b_out, ctx.hid_relu, ctx.out_relu], grad_out)
-        return (*grads[:6], None, None)
+        acts = [K.ACTIVATIONS["relu" if ctx.hid_relu else "none"]] * (L - 1)
+        acts.append(K.ACTIVATIONS["relu" if ctx.out_relu else "none"])
+
+        def forward(x, weights, biases):
+            none = [None] * L
+            return R.chain_reference(x, weights, _expand(biases, has_bias), none, none, none, none, [], [NO_BN] * L,
+                                     acts, [0.0] * L, [0.0] * L, [0.0] * L)
+        d_x, d_w, d_b = R.vjp(forward, [x, weights, biases], grad_out)
+        return d_x, d_w, d_b, None, None, None
     input_grad = ctx.needs_input_grad[0]
-    grad_x, *grads = mlp_backward(grad_out, x, z, out, w_in, w_hid, w_out, ctx.hid_relu, ctx.out_relu, input_grad)
-    return (grad_x if input_grad else None, *grads, None, None)
+    grad_x, grads = mlp_backward(grad_out, x, z, out, packed, weights, biases, ctx.ints, ctx.hid_relu, ctx.out_relu,
+                                 input_grad)
+    shapes = []
+    for w, b in zip(weights, _expand(biases, has_bias)):
+        shapes.append(w.shape)
+        if b is not None:
+            shapes.append(b.shape)
+    per_layer = views(grads, shapes)  # (views of one buffer: AccumulateGrad takes them as they are)
+    d_w, d_b, i = [], [], 0
+    for b in _expand(biases, has_bias):
+        d_w.append(per_layer[i])
+        i += 1
+        if b is not None:
+            d_b.append(per_layer[i])
+            i += 1
+    return (grad_x if input_grad else None), d_w, d_b, None, None, None
 
 
 library.register_autograd(mlp_train, _backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------- packing
-
-
-def _pad(t: Tensor, rows: int, cols: int = 0) -> Tensor:
-    """t zero-padded by `rows` at the end of dim 0 (and `cols` of dim 1); t itself if none.
-
-    Differentiable (the gradient is sliced back), so packing needs no autograd of its own.
-    A real deployment would cache the packed eval weights; here packing is a few copies
-    per call, none at all for the weights of a chain whose widths are H already.
-    """
-    if not rows and not cols:
-        return t
-    return F.pad(t, (0, cols, 0, rows) if t.dim() == 2 else (0, rows))
-
-
-def _bn_vectors(blocks: List[Block], width: int) -> Tensor:
-    """[3, len(blocks), width] fp32 center, scale, shift from running statistics (identity
-    for blocks without BatchNorm, zero past each block's width)."""
-    planes = []
-    for b in blocks:
-        n = b.linear.out_features
-        if b.bn is None:
-            dev = b.linear.weight.device
-            vecs = (torch.zeros(n, device=dev), torch.ones(n, device=dev), torch.zeros(n, device=dev))
-        else:
-            # plain torch ops rather than the bn_stats launcher, so torch.compile traces them
-            bn = b.bn
-            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.float()
-            shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
-            vecs = (bn.running_mean.float(), scale, shift)
-        planes.append(torch.stack([_pad(v, width - n) for v in vecs]))
-    return torch.stack(planes, dim=1)
 
 
 def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Optional[Tensor]:
@@ -185,28 +227,20 @@ def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Opt
         return None
     dtype = x.dtype
     cast = (lambda t: t if t is None else t.float()) if upcast and dtype != torch.float32 else (lambda t: t)
-    hidden, last = blocks[:-1], blocks[-1]
-    widths = [b.linear.out_features for b in hidden]
-    H = max(MIN_WIDTH, 1 << (max(widths) - 1).bit_length())
     weights = [cast(state(b.linear, "weight")) for b in blocks]
-    biases = [state(b.linear, "bias") for b in blocks]
-    biases = [cast(b) if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
-
-    w_in = _pad(weights[0], H - widths[0])
-    w_hid = [_pad(w, H - widths[i + 1], H - widths[i]) for i, w in enumerate(weights[1:-1])]
-    w_hid = torch.stack(w_hid) if w_hid else w_in.new_empty(0, H, H)
-    w_out = _pad(weights[-1], 0, H - widths[-1])
-    b_hid = torch.stack([_pad(b, H - n) for b, n in zip(biases[:-1], widths)])
-    b_out = biases[-1]
+    biases = [cast(state(b.linear, "bias")) for b in blocks]
+    bns = [b.bn for b in blocks]
+    has_bn = [bn is not None for bn in bns]
+    bn_state = [[cast(state(bn, name)) if bn is not None else None for bn in bns]
+                for name in ("running_mean", "running_var", "weight", "bias")]
+    present = lambda ts: [t for t in ts if t is not None]  # noqa: E731
+    ints = [int(v) for b, bn, g, beta in zip(biases, has_bn, bn_state[2], bn_state[3])
+            for v in (b is not None, bn, g is not None, beta is not None)]
     x = cast(x)
-    hid_relu, out_relu = _relu(hidden[0]), _relu(last)
-
+    hid_relu, out_relu = _relu(blocks[0]), _relu(blocks[-1])
     if mode == "train":
-        out, _ = mlp_train(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu, out_relu)
+        out, _, _ = mlp_train(x, weights, present(biases), ints, hid_relu, out_relu)
         return out.to(dtype)
-    bn_hid = bn_out = None
-    if any(b.bn is not None for b in blocks):
-        with torch.no_grad():
-            bn_hid = _bn_vectors(hidden, H)
-            bn_out = _bn_vectors([last], last.linear.out_features)[:, 0]
-    return mlp_infer(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid, bn_out, hid_relu, out_relu).to(dtype)
+    eps = [float(bn.eps) if bn is not None else 0.0 for bn in bns]
+    return mlp_infer(x, weights, present(biases), *(present(ts) for ts in bn_state), ints, eps, hid_relu,
+                     out_relu).to(dtype)

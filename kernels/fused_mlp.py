@@ -39,8 +39,14 @@ instead would save that memory for twice the FLOPs; stored z keeps the backward 
 
 Weight gradients: the backward grid has G <= row_tiles programs (G about the SM count);
 program p walks row tiles p, p + G, ... and accumulates dW and db into its own fp32 slot
-[p] of partial buffers (read-modify-write, no other program touches it), then the G slots
-are summed in order. No atomics: two identical backward passes are bitwise equal. The
+[p] of one partial buffer (read-modify-write, no other program touches it), then one more
+launch sums the G slots in order, into every layer's own gradients in the input dtype.
+
+Packing costs no PyTorch op either: one launch (`_pack_kernel`) reads every layer's weight,
+bias and eval BatchNorm through a table of their addresses (`layer_table`, copied to the
+device once per set of tensors) and writes the packed operands, BatchNorm folded into
+center, scale and shift; `_unpack_kernel` writes the gradients back per layer the same way.
+A training step is four launches whatever the depth, an eval forward two. No atomics: two identical backward passes are bitwise equal. The
 price is G x (H K_in + (L-2) H^2 + N_out H) fp32 of partials and a read-modify-write of
 them per extra tile; if timings show it, the alternative is to store g_z per layer and run
 dW as one split-batch GEMM over all layers (tiny-cuda-nn's split).
@@ -48,6 +54,9 @@ dW as one split-batch GEMM over all layers (tiny-cuda-nn's split).
 Tiles: a heuristic checked only by compiling for sm_90 on the CPU (`_tiles`; tests/
 test_compiled.py); no GPU timings yet.
 """
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -170,26 +179,28 @@ def _mlp_bwd_kernel(
     # pointers
     grad_ptr, out_ptr, x_ptr, z_ptr, w_in_ptr, w_hid_ptr, w_out_ptr,
     grad_x_ptr,                              # dL/dx (with INPUT_GRAD)
-    dw_in_ptr, dw_hid_ptr, dw_out_ptr, db_hid_ptr, db_out_ptr,   # fp32 partials, one slot per program
+    part_ptr,                                # fp32 partials [G, slot_size]: one slot per program
     # sizes
-    M, K_in, N_out, L, row_tiles,
+    M, K_in, N_out, L, row_tiles, slot_size,
     # strides (stride_zl = M * H, between the layers of z)
     stride_gm, stride_gn, stride_om, stride_on, stride_xm, stride_xk, stride_dxm, stride_dxk, stride_zl,
     # meta-parameters
     H: tl.constexpr, HID_RELU: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The chain's backward for row tiles pid, pid + G, ...; dW and db summed into slot pid."""
+    """The chain's backward for row tiles pid, pid + G, ...; dW and db summed into slot pid,
+    which holds dw_in [H, K_in], dw_hid [L-2, H, H], dw_out [N_out, H], db_hid [L-1, H] and
+    db_out [N_out] one after another (mlp_bwd's `shapes`)."""
     pid = tl.program_id(0)
     slot = pid.to(tl.int64)
     offs_h = tl.arange(0, H)
     all_h = offs_h < H  # all true: widens masks to the full tile shape
     dtype = x_ptr.dtype.element_ty
-    dw_in_ptr += slot * H * K_in
-    dw_hid_ptr += slot * (L - 2) * H * H
-    dw_out_ptr += slot * N_out * H
-    db_hid_ptr += slot * (L - 1) * H
-    db_out_ptr += slot * N_out
+    dw_in_ptr = part_ptr + slot * slot_size
+    dw_hid_ptr = dw_in_ptr + H * K_in
+    dw_out_ptr = dw_hid_ptr + (L - 2) * H * H
+    db_hid_ptr = dw_out_ptr + N_out * H
+    db_out_ptr = db_hid_ptr + (L - 1) * H
     hh = offs_h[:, None] * H + offs_h[None, :]
     mask_hh = all_h[:, None] & all_h[None, :]
     layer = stride_zl.to(tl.int64)
@@ -247,6 +258,112 @@ def _mlp_bwd_kernel(
                          mask=mask_m[:, None] & mask_k[None, :])
 
 
+# The per-layer tensors, as one launch each way reads and writes them: a table row per layer
+# (int64 [L, _FIELDS], dwfast's `layer_table`): its weight's address, strides and sizes, its
+# bias's address (0: none), eval BatchNorm's running statistics' and affine parameters'
+# addresses (0: none) and eps (float64 bits), where its gradients go in a flat buffer.
+_FIELDS = tl.constexpr(12)
+F_W, F_S0, F_S1, F_N, F_K, F_B, F_MEAN, F_VAR, F_GAMMA, F_BETA, F_EPS, F_GRAD = (tl.constexpr(i) for i in range(12))
+
+
+@triton.jit
+def _field(row_ptr, field):
+    return tl.load(row_ptr + field)
+
+
+@triton.jit
+def _pointer(row_ptr, field, DTYPE: tl.constexpr):
+    return tl.load(row_ptr + field).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _region(l, L, H, K_in, N_out):
+    """(offset, rows, cols) of layer l's weight in the packed layout, then the offset of its
+    bias: w_in [H, K_in], w_hid [L-2, H, H], w_out [N_out, H], b_hid [L-1, H], b_out [N_out]."""
+    hid = H * K_in + (L - 2) * H * H
+    biases = hid + N_out * H
+    if l == 0:
+        offset = 0
+    elif l == L - 1:
+        offset = hid
+    else:
+        offset = H * K_in + (l - 1) * H * H
+    rows = tl.where(l == L - 1, N_out, H)
+    cols = tl.where(l == 0, K_in, H)
+    return offset, rows, cols, biases + l * H
+
+
+@triton.jit
+def _pack_kernel(table_ptr, packed_ptr, bn_ptr, L, H, K_in, N_out,
+                 HAS_BN: tl.constexpr, BN_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The packed operands of mlp_fwd from the layers' own tensors (table): weights and biases
+    zero-padded; with HAS_BN, eval BatchNorm's center, scale = gamma * rsqrt(var + eps) and
+    shift = beta per layer, fp32 [3, L-1, H] then [3, N_out] (identity where a layer has
+    none, zero past its width). Program (l, c) packs chunk c of layer l's weight; chunk 0 also
+    its vectors."""
+    l = tl.program_id(0)
+    row = table_ptr + l * _FIELDS
+    dtype = packed_ptr.dtype.element_ty
+    w = _pointer(row, F_W, dtype)
+    s0, s1, n, k = _field(row, F_S0), _field(row, F_S1), _field(row, F_N), _field(row, F_K)
+    offset, rows, cols, b_offset = _region(l, L, H, K_in, N_out)
+    size = rows * cols
+    for e0 in range(tl.program_id(1) * BLOCK, size, tl.num_programs(1) * BLOCK):
+        e = e0 + tl.arange(0, BLOCK)
+        r, c = e // cols, e % cols
+        v = tl.load(w + r * s0 + c * s1, mask=(e < size) & (r < n) & (c < k), other=0.0)  # zeros padded
+        tl.store(packed_ptr + offset + e, v, mask=e < size)
+    if tl.program_id(1) == 0:
+        bias = _pointer(row, F_B, dtype)
+        # (masks as bounds: a feature is read where it is below them; 0 where the tensor is absent)
+        n_bias = tl.where(_field(row, F_B) != 0, n, 0)
+        n_bn = tl.where(_field(row, F_MEAN) != 0, n, 0)
+        n_gamma = tl.where(_field(row, F_GAMMA) != 0, n_bn, 0)
+        n_beta = tl.where(_field(row, F_BETA) != 0, n_bn, 0)
+        eps = _field(row, F_EPS).to(tl.float64, bitcast=True).to(tl.float32)
+        plane = tl.where(l == L - 1, N_out, (L - 1) * H)  # between center, scale and shift
+        bn_offset = tl.where(l == L - 1, 3 * (L - 1) * H, l * H)
+        for f0 in range(0, rows, BLOCK):
+            f = f0 + tl.arange(0, BLOCK)
+            tl.store(packed_ptr + b_offset + f, tl.load(bias + f, mask=f < n_bias, other=0.0), mask=f < rows)
+            if HAS_BN:
+                center = tl.load(_pointer(row, F_MEAN, BN_DTYPE) + f, mask=f < n_bn, other=0.0).to(tl.float32)
+                var = tl.load(_pointer(row, F_VAR, BN_DTYPE) + f, mask=f < n_bn, other=0.0).to(tl.float32)
+                gamma = tl.load(_pointer(row, F_GAMMA, BN_DTYPE) + f, mask=f < n_gamma, other=1.0).to(tl.float32)
+                beta = tl.load(_pointer(row, F_BETA, BN_DTYPE) + f, mask=f < n_beta, other=0.0).to(tl.float32)
+                scale = tl.where(f < n_bn, tl.math.rsqrt(var + eps) * gamma, tl.where(f < n, 1.0, 0.0))
+                at = bn_ptr + bn_offset + f
+                tl.store(at, center, mask=f < rows)
+                tl.store(at + plane, scale, mask=f < rows)
+                tl.store(at + 2 * plane, beta, mask=f < rows)
+
+
+@triton.jit
+def _unpack_kernel(table_ptr, part_ptr, grad_ptr, G, slot_size, L, H, K_in, N_out, BLOCK: tl.constexpr):
+    """Every layer's dW [n, k] and then, where it has a bias, db [n], at its offset of the flat
+    grad (table): the sums of the G slots of the packed partials part [G, slot_size] in slot
+    order (deterministic), in grad's dtype. Programs as _pack_kernel's."""
+    l = tl.program_id(0)
+    row = table_ptr + l * _FIELDS
+    n, k, out = _field(row, F_N), _field(row, F_K), grad_ptr + _field(row, F_GRAD)
+    offset, rows, cols, b_offset = _region(l, L, H, K_in, N_out)
+    size = rows * cols
+    for e0 in range(tl.program_id(1) * BLOCK, size, tl.num_programs(1) * BLOCK):
+        e = e0 + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for g in range(0, G):
+            acc += tl.load(part_ptr + g * slot_size + offset + e, mask=e < size, other=0.0)
+        r, c = e // cols, e % cols
+        tl.store(out + r * k + c, acc.to(grad_ptr.dtype.element_ty), mask=(e < size) & (r < n) & (c < k))
+    n_bias = tl.where((tl.program_id(1) == 0) & (_field(row, F_B) != 0), n, 0)  # (chunk 0 sums db)
+    for f0 in range(0, n_bias, BLOCK):
+        f = f0 + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for g in range(0, G):
+            acc += tl.load(part_ptr + g * slot_size + b_offset + f, mask=f < n_bias, other=0.0)
+        tl.store(out + n * k + f, acc.to(grad_ptr.dtype.element_ty), mask=f < n_bias)
+
+
 # ---------------------------------------------------------------- launchers
 
 
@@ -290,6 +407,75 @@ def _placeholder(t, other):
     return t if t.numel() else other
 
 
+def packed_shapes(L: int, H: int, K_in: int, N_out: int) -> tuple:
+    """Shapes of the packed operands w_in, w_hid, w_out, b_hid, b_out (one flat buffer, in order)."""
+    return (H, K_in), (L - 2, H, H), (N_out, H), (L - 1, H), (N_out,)
+
+
+def views(flat: torch.Tensor, shapes) -> list:
+    """Views of consecutive parts of `flat` with these shapes."""
+    out, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[start:start + n].view(shape))
+        start += n
+    return out
+
+
+_TABLES: dict = {}  # layer tables by their tensors' addresses and layouts (a few dozen kept)
+
+
+def layer_table(weights, biases, norms, device) -> tuple:
+    """(table, grad sizes): the layer table of _pack_kernel / _unpack_kernel (int64 [L, _FIELDS]
+    on `device`) for the layers' weights [n, k] and biases (None: none), and per layer its eval
+    BatchNorm (running_mean, running_var, gamma, beta, eps) or None; and the elements of each
+    layer's gradients in the flat buffer _unpack_kernel fills (dW, then db where it has a bias).
+    Made once per set of tensors: a table is a copy to the device."""
+    ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+    key = (device, tuple((ptr(w), tuple(w.shape), w.stride(), ptr(b)) for w, b in zip(weights, biases)),
+           tuple(tuple(ptr(t) for t in bn[:4]) + (bn[4],) if bn is not None else None for bn in norms))
+    found = _TABLES.get(key)
+    if found is not None:
+        return found
+    rows, sizes, offset = [], [], 0
+    for w, b, bn in zip(weights, biases, norms):
+        n, k = w.shape
+        mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
+        eps_bits = struct.unpack("<q", struct.pack("<d", float(eps)))[0]
+        rows.append([w.data_ptr(), w.stride(0), w.stride(1), n, k, ptr(b), ptr(mean), ptr(var), ptr(gamma), ptr(beta),
+                     eps_bits, offset])
+        sizes.append(n * k + (n if b is not None else 0))
+        offset += sizes[-1]
+    if len(_TABLES) >= 64:
+        del _TABLES[next(iter(_TABLES))]
+    found = _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device), sizes
+    return found
+
+
+def _grid(L: int, H: int, K_in: int, N_out: int, block: int) -> tuple:
+    """Programs of _pack_kernel / _unpack_kernel: per layer, chunks of its largest weight."""
+    return L, min(64, launch.cdiv(max(H * K_in, H * H, N_out * H), block)), 1
+
+
+_BN_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def mlp_pack(x, table, L: int, H: int, N_out: int, bn_dtype=None):
+    """(flat, packed, bn): mlp_fwd's packed operands in one buffer of x's dtype (flat) and as
+    its views (w_in, w_hid, w_out, b_hid, b_out), and with `bn_dtype` (the BatchNorm tensors'
+    dtype) its fp32 eval BatchNorm vectors (bn_hid, bn_out), else None; from the layers' own
+    tensors through `table` (layer_table), in one launch."""
+    K_in = x.shape[1]
+    shapes = packed_shapes(L, H, K_in, N_out)
+    flat = x.new_empty(sum(math.prod(shape) for shape in shapes))
+    bn = x.new_empty(3 * ((L - 1) * H + N_out), dtype=torch.float32) if bn_dtype is not None else None
+    block = 1024 if not _interpreting() else 256
+    launch.run(_pack_kernel, _grid(L, H, K_in, N_out, block), (table, flat, bn, L, H, K_in, N_out),
+               (bn is not None, _BN_DTYPES[bn_dtype] if bn is not None else tl.float32, block), 4, 1)
+    bn_views = (bn[:3 * (L - 1) * H].view(3, L - 1, H), bn[3 * (L - 1) * H:].view(3, N_out)) if bn is not None else None
+    return flat, views(flat, shapes), bn_views
+
+
 def mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid=None, bn_out=None, *, hid_relu=True, out_relu=False,
             store_z=False):
     """The whole chain in one launch. Returns (out [B, N_out], z [L-1, B, H] or None).
@@ -306,13 +492,12 @@ def mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, bn_hid=None, bn_out=None, *, hi
     out = torch.empty((M, N_out), device=x.device, dtype=x.dtype)
     z = torch.empty((L - 1, M, H), device=x.device, dtype=x.dtype) if store_z else None
     block_m, block_k, block_n, num_warps, num_stages = _tiles(M, H, K_in, N_out, x.dtype)
-    _mlp_fwd_kernel[(launch.cdiv(M, block_m),)](
-        x, w_in, _placeholder(w_hid, w_in), w_out, b_hid, b_out, bn_hid, bn_out, z, out,
-        M, K_in, N_out, L,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), M * H,
-        H=H, HAS_BN=bn_hid is not None, STORE_Z=store_z, HID_RELU=hid_relu, OUT_RELU=out_relu,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, PRECISION=_precision(x.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+    launch.run(
+        _mlp_fwd_kernel, (launch.cdiv(M, block_m), 1, 1),
+        (x, w_in, _placeholder(w_hid, w_in), w_out, b_hid, b_out, bn_hid, bn_out, z, out,
+         M, K_in, N_out, L, x.stride(0), x.stride(1), out.stride(0), out.stride(1), M * H),
+        (H, bn_hid is not None, store_z, hid_relu, out_relu, block_m, block_k, block_n, _precision(x.dtype)),
+        num_warps, num_stages,
     )
     return out, z
 
@@ -325,12 +510,13 @@ def _programs(row_tiles: int) -> int:
     return min(row_tiles, num_sms())
 
 
-def mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, *, hid_relu=True, out_relu=False, input_grad=True):
-    """The backward of `mlp_fwd(..., store_z=True)` without BatchNorm.
+def mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, table, grad_size: int, *, hid_relu=True, out_relu=False,
+            input_grad=True):
+    """The backward of `mlp_fwd(..., store_z=True)` without BatchNorm, from the packed operands.
 
-    Returns (grad_x or None, dw_in, dw_hid, dw_out, db_hid, db_out), the weight and bias
-    gradients in the packed shapes and the input dtype (entries for padded features are 0:
-    their g_z and activations are; callers slice them off).
+    Returns (grad_x or None, grads): grads flat [grad_size] in the input dtype, every layer's
+    dW and db (where it has a bias) one after another, unpadded, as `table` (layer_table) says.
+    Two launches: the backward into fp32 partials, one slot per program, then their sums.
     """
     M, K_in = x.shape
     H = w_in.shape[0]
@@ -339,20 +525,20 @@ def mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, *, hid_relu=True, out_relu=
     block_m, block_k, block_n, num_warps, num_stages = _tiles(M, H, K_in, N_out, x.dtype, backward=True)
     row_tiles = launch.cdiv(M, block_m)
     G = _programs(row_tiles)
-    part = lambda *shape: torch.empty((G, *shape), device=x.device, dtype=torch.float32)  # noqa: E731
-    dw_in, dw_hid, dw_out = part(H, K_in), part(L - 2, H, H), part(N_out, H)
-    db_hid, db_out = part(L - 1, H), part(N_out)
+    size = sum(math.prod(shape) for shape in packed_shapes(L, H, K_in, N_out))
+    part = torch.empty((G, size), device=x.device, dtype=torch.float32)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if input_grad else None
-    _mlp_bwd_kernel[(G,)](
-        grad_out, out, x, z, w_in, _placeholder(w_hid, w_in), w_out,
-        grad_x, dw_in, _placeholder(dw_hid, dw_in), dw_out, db_hid, db_out,
-        M, K_in, N_out, L, row_tiles,
-        grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1), x.stride(0), x.stride(1),
-        *(grad_x.stride() if input_grad else (0, 0)), M * H,
-        H=H, HID_RELU=hid_relu, OUT_RELU=out_relu, INPUT_GRAD=input_grad,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, PRECISION=_precision(x.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+    launch.run(
+        _mlp_bwd_kernel, (G, 1, 1),
+        (grad_out, out, x, z, w_in, _placeholder(w_hid, w_in), w_out, grad_x, part,
+         M, K_in, N_out, L, row_tiles, size,
+         grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1), x.stride(0), x.stride(1),
+         *(grad_x.stride() if input_grad else (0, 0)), M * H),
+        (H, hid_relu, out_relu, input_grad, block_m, block_k, block_n, _precision(x.dtype)),
+        num_warps, num_stages,
     )
-    # the G slots summed in slot order: deterministic
-    grads = [p.sum(0).to(x.dtype) for p in (dw_in, dw_hid, dw_out, db_hid, db_out)]
-    return (grad_x, *grads)
+    grads = x.new_empty(grad_size)
+    block = 1024 if not _interpreting() else 256
+    launch.run(_unpack_kernel, _grid(L, H, K_in, N_out, block), (table, part, grads, G, size, L, H, K_in, N_out),
+               (block,), 4, 1)
+    return grad_x, grads

@@ -32,6 +32,14 @@ for name, depth, batchnorm, dropout, act in [("bn", 3, True, 0.0, None), ("plain
         infer = dwfast_step(fused, x, None)
     out[name] = dict(blocks=depth + 1, triton=dict(dw.triton), torch=dict(dw.torch), eager=sum(ea.torch.values()),
                      infer_triton=sum(infer.triton.values()), infer_torch=dict(infer.torch))
+# the whole-net path (narrow, no BatchNorm in training; eval BatchNorm folded): a fixed count
+dwfast.set_whole_net("auto")
+for name, batchnorm in (("whole", False), ("whole_eval_bn", True)):
+    fused, eager, x, grad = model_and_data(6, 38, 96, 20, 5, batchnorm, 0.0, torch.float32)
+    if batchnorm:
+        fused.eval()
+    dw = dwfast_step(fused, x, None if batchnorm else grad)
+    out[name] = dict(triton=dict(dw.triton), torch=dict(dw.torch))
 json.dump(out, sys.stdout)
 """
 
@@ -46,7 +54,13 @@ def _counts():
 
 
 def test_two_launches_per_block_and_no_pytorch_ops():
+    """Per-layer path: two launches per block, one in eval; whole-net path: four per step, two
+    in eval, whatever the depth; no PyTorch op in either."""
     counts = _counts()
+    # the whole-net path: pack and forward; in training also backward and the gradients' sums
+    whole = {"_pack_kernel": 1, "_mlp_fwd_kernel": 1, "_mlp_bwd_kernel": 1, "_unpack_kernel": 1}
+    assert counts.pop("whole") == {"triton": whole, "torch": {}}
+    assert counts.pop("whole_eval_bn") == {"triton": {"_pack_kernel": 1, "_mlp_fwd_kernel": 1}, "torch": {}}
     for name, c in counts.items():
         blocks = c["blocks"]
         # one forward GEMM and one backward launch (dX and dW) per block, nothing else

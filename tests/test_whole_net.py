@@ -6,9 +6,12 @@ per-layer chain cannot pass for it. Tiles are 32 rows under the interpreter and 
 backward runs 4 programs, so batches of 100 and 257 cross tiles and accumulate partials.
 """
 
+import inspect
+
 import pytest
 import torch
 from test_kernels import cast, compare, make_chain
+from torch import nn
 
 import dwfast
 from dwfast import whole_net
@@ -73,6 +76,8 @@ def test_low_precision(kernel_device, spy, dtype, batch, in_features, widths, la
     dict(relu=False),
     dict(bias=False),
     dict(affine=False),
+    pytest.param(dict(bn_bias=False), marks=pytest.mark.skipif(
+        "bias" not in inspect.signature(nn.BatchNorm1d).parameters, reason="BatchNorm1d(bias=) needs torch >= 2.13")),
     dict(eps=1e-1),
 ], ids=str)
 def test_infer_options(kernel_device, spy, options):
@@ -166,12 +171,16 @@ def test_never_switch(kernel_device, spy, monkeypatch):
 
 
 def test_opcheck(kernel_device):
-    """The ops pass torch.library's checks (fake kernels, autograd registration)."""
+    """The ops pass torch.library's checks (fake kernels, autograd registration): three layers,
+    the last without a bias; in inference BatchNorm on the first two, one without affine."""
     dev = kernel_device
     x = torch.randn(20, 6, device=dev, requires_grad=True)
-    w_in, w_hid, w_out = (torch.randn(*s, device=dev, requires_grad=True) for s in ((16, 6), (1, 16, 16), (3, 16)))
-    b_hid, b_out = torch.randn(2, 16, device=dev, requires_grad=True), torch.randn(3, device=dev, requires_grad=True)
-    torch.library.opcheck(whole_net.mlp_train, (x, w_in, w_hid, w_out, b_hid, b_out, True, False))
-    bn = torch.randn(3, 2, 16, device=dev), torch.randn(3, 3, device=dev)
+    weights = [torch.randn(*s, device=dev, requires_grad=True) for s in ((12, 6), (16, 12), (3, 16))]
+    biases = [torch.randn(n, device=dev, requires_grad=True) for n in (12, 16)]
+    ints = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]  # per layer: bias, BatchNorm, gamma, beta
+    torch.library.opcheck(whole_net.mlp_train, (x, weights, biases, ints, True, False))
+    bn = ([torch.randn(n, device=dev) for n in (12, 16)], [torch.rand(n, device=dev) + 0.5 for n in (12, 16)],
+          [torch.randn(12, device=dev)], [torch.randn(12, device=dev)])
+    ints = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     with torch.no_grad():
-        torch.library.opcheck(whole_net.mlp_infer, (x, w_in, w_hid, w_out, b_hid, b_out, *bn, True, True))
+        torch.library.opcheck(whole_net.mlp_infer, (x, weights, biases, *bn, ints, [1e-5, 1e-3, 0.0], True, True))
