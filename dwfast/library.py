@@ -24,6 +24,19 @@ from typing import Callable, Sequence
 import torch
 
 LIB = torch.library.Library("dwfast", "FRAGMENT")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct(tensors) -> bool:
+    """Whether an eager call may go around its custom op to the same code (dwfast.ops._Chain,
+    dwfast.whole_net._WholeNet), skipping the dispatcher's per-tensor costs: not while
+    torch.compile or export traces, under a dispatch or function mode (FakeTensorMode,
+    FlopCounterMode, ...) or the profiler (whose traces name the ops), and for plain tensors
+    only (a subclass dispatches through the op)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled()):
+        return False
+    return all(type(t) in _PLAIN for t in tensors)
 
 
 def _on_device(fn: Callable) -> Callable:

@@ -26,7 +26,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import distributed as D
 from . import kernels as K
@@ -499,20 +499,6 @@ library.register_autograd(chain_forward, _backward, setup_context=_setup_context
 # ---- eager calls
 
 
-_PLAIN = (torch.Tensor, nn.Parameter)
-
-
-def _direct(tensors) -> bool:
-    """Whether `chain` may run its plans itself (`_Chain`) rather than through the custom ops:
-    not while torch.compile or export traces, under a dispatch or function mode (FakeTensorMode,
-    FlopCounterMode, ...) or the profiler (whose traces name the ops), and for plain tensors
-    only (a subclass dispatches through the ops)."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled()):
-        return False
-    return all(type(t) in _PLAIN for t in tensors)
-
-
 class _Call(NamedTuple):
     """One eager call of a chain (`_Chain`): the blocks' options, per-block lists of their
     tensors (None where absent; running statistics and counters as the kernels take them in
@@ -659,7 +645,7 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
     run_vars = [t if r else None for t, r in zip(run_vars, running)]
     counts = [t if s.tracked else None for t, s in zip(counts, specs)]
     params = [*weights, *_present(biases), *_present(gammas), *_present(betas)]
-    if _direct([x, *params, *_present(run_means), *_present(run_vars)]):
+    if library.direct([x, *params, *_present(run_means), *_present(run_vars)]):
         key = _key("chain", specs, None, (x, *weights), (), (*params[len(weights):], *_present(run_means),
                                                              *_present(run_vars)))
         plans, fresh = _plans(key, dict)

@@ -91,8 +91,7 @@ def _table(weights, biases, ints, norms=None):
     return layer_table(weights, _expand(biases, has_bias), norms or [None] * len(weights), weights[0].device)
 
 
-@library.custom_op("mlp_infer")
-def mlp_infer(
+def _infer(
     x: Tensor, weights: List[Tensor], biases: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
     gammas: List[Tensor], betas: List[Tensor], ints: List[int], eps: List[float], hid_relu: bool, out_relu: bool,
 ) -> Tensor:
@@ -111,6 +110,9 @@ def mlp_infer(
                    out_relu=out_relu)[0]
 
 
+mlp_infer = library.custom_op("mlp_infer")(_infer)
+
+
 def _mlp_infer_fake(x, weights, biases, running_means, running_vars, gammas, betas, ints, eps, hid_relu, out_relu):
     return x.new_empty(x.shape[0], weights[-1].shape[0])
 
@@ -118,8 +120,7 @@ def _mlp_infer_fake(x, weights, biases, running_means, running_vars, gammas, bet
 library.register_fake(mlp_infer, _mlp_infer_fake)
 
 
-@library.custom_op("mlp_train")
-def mlp_train(
+def _train(
     x: Tensor, weights: List[Tensor], biases: List[Tensor], ints: List[int], hid_relu: bool, out_relu: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(out, z, packed): the chain without BatchNorm in two launches, keeping the hidden z
@@ -129,6 +130,9 @@ def mlp_train(
     packed, (w_in, w_hid, w_out, b_hid, b_out), _ = mlp_pack(x, table, L, H, weights[-1].shape[0])
     out, z = mlp_fwd(x, w_in, w_hid, w_out, b_hid, b_out, hid_relu=hid_relu, out_relu=out_relu, store_z=True)
     return out, z, packed
+
+
+mlp_train = library.custom_op("mlp_train")(_train)
 
 
 def _packed_size(x, weights) -> int:
@@ -145,8 +149,7 @@ def _mlp_train_fake(x, weights, biases, ints, hid_relu, out_relu):
 library.register_fake(mlp_train, _mlp_train_fake)
 
 
-@library.custom_op("mlp_backward")
-def mlp_backward(
+def _grads(
     grad_out: Tensor, x: Tensor, z: Tensor, out: Tensor, packed: Tensor, weights: List[Tensor], biases: List[Tensor],
     ints: List[int], hid_relu: bool, out_relu: bool, input_grad: bool,
 ) -> List[Tensor]:
@@ -158,6 +161,9 @@ def mlp_backward(
     grad_x, grads = mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, table, sum(sizes), hid_relu=hid_relu,
                             out_relu=out_relu, input_grad=input_grad)
     return [grad_x if input_grad else x.new_empty(0), grads]
+
+
+mlp_backward = library.custom_op("mlp_backward")(_grads)
 
 
 def _mlp_backward_fake(grad_out, x, z, out, packed, weights, biases, ints, hid_relu, out_relu, input_grad):
@@ -177,9 +183,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_z, _grad_packed):
-    L = ctx.L
     if grad_out is None:
-        return None, [None] * L, None, None, None, None
+        return None, [None] * ctx.L, None, None, None, None
+    return (*_gradients(ctx, grad_out, ctx.needs_input_grad[0], mlp_backward), None, None, None)
+
+
+def _gradients(ctx, grad_out, input_grad: bool, backward):
+    """(d_x, d_weights, d_biases) from the saved tensors of `ctx` (_setup_context's), through
+    `backward` (the mlp_backward op, or its function), or differentiably for a double backward."""
+    L = ctx.L
     x, z, out, packed, *rest = ctx.saved_tensors
     weights, biases = list(rest[:L]), list(rest[L:])
     has_bias = _flags(ctx.ints)[0]
@@ -192,10 +204,9 @@ def _backward(ctx, grad_out, _grad_z, _grad_packed):
             return R.chain_reference(x, weights, _expand(biases, has_bias), none, none, none, none, [], [NO_BN] * L,
                                      acts, [0.0] * L, [0.0] * L, [0.0] * L)
         d_x, d_w, d_b = R.vjp(forward, [x, weights, biases], grad_out)
-        return d_x, d_w, d_b, None, None, None
-    input_grad = ctx.needs_input_grad[0]
-    grad_x, grads = mlp_backward(grad_out, x, z, out, packed, weights, biases, ctx.ints, ctx.hid_relu, ctx.out_relu,
-                                 input_grad)
+        return (d_x if input_grad else None), d_w, d_b
+    grad_x, grads = backward(grad_out, x, z, out, packed, weights, biases, ctx.ints, ctx.hid_relu, ctx.out_relu,
+                             input_grad)
     shapes = []
     for w, b in zip(weights, _expand(biases, has_bias)):
         shapes.append(w.shape)
@@ -209,10 +220,33 @@ def _backward(ctx, grad_out, _grad_z, _grad_packed):
         if b is not None:
             d_b.append(per_layer[i])
             i += 1
-    return (grad_x if input_grad else None), d_w, d_b, None, None, None
+    return (grad_x if input_grad else None), d_w, d_b
 
 
 library.register_autograd(mlp_train, _backward, setup_context=_setup_context)
+
+
+class _WholeNet(torch.autograd.Function):
+    """mlp_train with its autograd as one node for eager calls, skipping the dispatcher as
+    dwfast.ops._Chain does (library.direct says when). Inputs: (ints, hid_relu, out_relu), x, the
+    weights, the biases the layers have."""
+
+    @staticmethod
+    def forward(ctx, options, x, *params):
+        ints, hid_relu, out_relu = options
+        L = len(ints) // 4
+        weights, biases = list(params[:L]), list(params[L:])
+        out, z, packed = _train(x, weights, biases, ints, hid_relu, out_relu)
+        _setup_context(ctx, (x, weights, biases, ints, hid_relu, out_relu), (out, z, packed))
+        ctx.inputs = 2 + len(params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return (None,) * ctx.inputs
+        d_x, d_w, d_b = _gradients(ctx, grad_out, ctx.needs_input_grad[1], _grads)
+        return (None, d_x, *d_w, *d_b)
 
 
 def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Optional[Tensor]:
@@ -238,9 +272,13 @@ def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Opt
             for v in (b is not None, bn, g is not None, beta is not None)]
     x = cast(x)
     hid_relu, out_relu = _relu(blocks[0]), _relu(blocks[-1])
+    direct = library.direct([x, *weights, *present(biases), *(t for ts in bn_state for t in ts if t is not None)])
     if mode == "train":
+        if direct:
+            return _WholeNet.apply((ints, hid_relu, out_relu), x, *weights, *present(biases)).to(dtype)
         out, _, _ = mlp_train(x, weights, present(biases), ints, hid_relu, out_relu)
         return out.to(dtype)
     eps = [float(bn.eps) if bn is not None else 0.0 for bn in bns]
-    return mlp_infer(x, weights, present(biases), *(present(ts) for ts in bn_state), ints, eps, hid_relu,
-                     out_relu).to(dtype)
+    infer = _infer if direct else mlp_infer
+    return infer(x, weights, present(biases), *(present(ts) for ts in bn_state), ints, eps, hid_relu,
+                 out_relu).to(dtype)

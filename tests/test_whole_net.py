@@ -6,6 +6,8 @@ per-layer chain cannot pass for it. Tiles are 32 rows under the interpreter and 
 backward runs 4 programs, so batches of 100 and 257 cross tiles and accumulate partials.
 """
 
+import contextlib
+import copy
 import inspect
 
 import pytest
@@ -42,8 +44,10 @@ def spy(monkeypatch):
             return op(*args)
         return counted
 
-    monkeypatch.setattr(whole_net, "mlp_infer", wrap("infer", whole_net.mlp_infer))
-    monkeypatch.setattr(whole_net, "mlp_train", wrap("train", whole_net.mlp_train))
+    # the ops, and the functions eager calls run without them (library.direct)
+    for kind, names in (("infer", ("mlp_infer", "_infer")), ("train", ("mlp_train", "_train"))):
+        for name in names:
+            monkeypatch.setattr(whole_net, name, wrap(kind, getattr(whole_net, name)))
     return calls
 
 
@@ -184,3 +188,23 @@ def test_opcheck(kernel_device):
     ints = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     with torch.no_grad():
         torch.library.opcheck(whole_net.mlp_infer, (x, weights, biases, *bn, ints, [1e-5, 1e-3, 0.0], True, True))
+
+
+def test_eager_calls_match_the_custom_ops(kernel_device, spy):
+    """Eager calls run the whole-net code around its ops (library.direct); under a dispatch
+    mode the ops run: bitwise the same outputs and gradients, training and eval."""
+    from test_kernels import _PassThrough, _seeded, run
+    blocks = cast(make_chain(12, [24, 17, 3], bn=False), torch.float32, kernel_device)
+    x = torch.randn(45, 12, device=kernel_device)
+    grad_out = torch.randn(45, 3, device=kernel_device)
+    results = []
+    for through_ops in (False, True):
+        copies = copy.deepcopy(blocks)
+        with _PassThrough() if through_ops else contextlib.nullcontext():
+            res = _seeded(kernel_device, run, fused_chain, copies, x, grad_out)
+            with torch.no_grad():
+                res["infer"] = fused_chain(x, copies)
+        results.append(res)
+    assert spy == {"train": 2, "infer": 2}
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1][name]), name
