@@ -529,7 +529,9 @@ def mlp_bwd(grad_out, x, z, out, w_in, w_hid, w_out, table, grad_size: int, *, h
     block_m, block_k, block_n, num_warps, num_stages = _tiles(M, H, K_in, N_out, x.dtype, backward=True)
     row_tiles = launch.cdiv(M, block_m)
     G = _programs(row_tiles)
-    size = sum(math.prod(shape) for shape in packed_shapes(L, H, K_in, N_out))
+    # slots start 16-element aligned, so the read-modify-writes of the partials load 16 bytes
+    # at a time (every region in a slot starts at a multiple of H >= 16 elements)
+    size = launch.cdiv(sum(math.prod(shape) for shape in packed_shapes(L, H, K_in, N_out)), 16) * 16
     part = torch.empty((G, size), device=x.device, dtype=torch.float32)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if input_grad else None
     launch.run(
