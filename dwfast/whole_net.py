@@ -238,13 +238,12 @@ class _WholeNet(torch.autograd.Function):
         weights, biases = list(params[:L]), list(params[L:])
         out, z, packed = _train(x, weights, biases, ints, hid_relu, out_relu)
         _setup_context(ctx, (x, weights, biases, ints, hid_relu, out_relu), (out, z, packed))
-        ctx.inputs = 2 + len(params)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if grad_out is None:
-            return (None,) * ctx.inputs
+            return (None,) * len(ctx.needs_input_grad)
         d_x, d_w, d_b = _gradients(ctx, grad_out, ctx.needs_input_grad[1], _grads)
         return (None, d_x, *d_w, *d_b)
 

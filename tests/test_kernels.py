@@ -357,14 +357,24 @@ def test_eager_calls_match_the_custom_ops(kernel_device, options, monkeypatch):
     blocks = cast(make_chain(20, [150, 33, 5], **options), torch.float32, kernel_device)  # (150: not whole-net)
     x = torch.randn(70, 20, device=kernel_device)
     grad_out = torch.randn(70, 5, device=kernel_device)
+    assert_eager_matches_ops(kernel_device, blocks, x, grad_out, steps=2)
+    assert paths == {"_run_call": 2, "chain_forward": 2}
+
+
+def assert_eager_matches_ops(device, blocks, x, grad_out, steps=1, infer=False):
+    """`run` `steps` times on a copy of `blocks` eagerly, then on another under _PassThrough
+    (through the custom ops): bitwise the same outputs, gradients and running statistics, and
+    with `infer` the same no-grad forward after them."""
     results = []
     for through_ops in (False, True):
         copies = copy.deepcopy(blocks)
         with _PassThrough() if through_ops else contextlib.nullcontext():
-            for _ in range(2):
-                res = _seeded(kernel_device, run, fused_chain, copies, x, grad_out)
+            for _ in range(steps):
+                res = _seeded(device, run, fused_chain, copies, x, grad_out)
+            if infer:
+                with torch.no_grad():
+                    res["infer"] = fused_chain(x, copies)
         results.append(res)
-    assert paths == {"_run_call": 2, "chain_forward": 2}
     assert results[0].keys() == results[1].keys()
     for name, value in results[0].items():
         assert torch.equal(value, results[1][name]), name

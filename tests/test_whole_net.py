@@ -6,13 +6,11 @@ per-layer chain cannot pass for it. Tiles are 32 rows under the interpreter and 
 backward runs 4 programs, so batches of 100 and 257 cross tiles and accumulate partials.
 """
 
-import contextlib
-import copy
 import inspect
 
 import pytest
 import torch
-from test_kernels import cast, compare, make_chain
+from test_kernels import assert_eager_matches_ops, cast, compare, make_chain
 from torch import nn
 
 import dwfast
@@ -193,18 +191,8 @@ def test_opcheck(kernel_device):
 def test_eager_calls_match_the_custom_ops(kernel_device, spy):
     """Eager calls run the whole-net code around its ops (library.direct); under a dispatch
     mode the ops run: bitwise the same outputs and gradients, training and eval."""
-    from test_kernels import _PassThrough, _seeded, run
     blocks = cast(make_chain(12, [24, 17, 3], bn=False), torch.float32, kernel_device)
     x = torch.randn(45, 12, device=kernel_device)
     grad_out = torch.randn(45, 3, device=kernel_device)
-    results = []
-    for through_ops in (False, True):
-        copies = copy.deepcopy(blocks)
-        with _PassThrough() if through_ops else contextlib.nullcontext():
-            res = _seeded(kernel_device, run, fused_chain, copies, x, grad_out)
-            with torch.no_grad():
-                res["infer"] = fused_chain(x, copies)
-        results.append(res)
+    assert_eager_matches_ops(kernel_device, blocks, x, grad_out, infer=True)
     assert spy == {"train": 2, "infer": 2}
-    for name, value in results[0].items():
-        assert torch.equal(value, results[1][name]), name
