@@ -48,7 +48,9 @@ One launch per block (`_linear_bwd_kernel`) runs independent grids side by side:
                                on load from its own z (its NEXT programs). The g_z write costs
                                what reading g_y and z again would have. In fp32 at "highest"
                                g_z is stored as its TF32 split, which that dW reads as it reads
-                               a weight's (_gemm_core's SPLIT_B), so its main loop overlaps too.
+                               a weight's (_gemm_core's SPLIT_B), so its main loop overlaps too;
+                               there blocks without BatchNorm defer theirs as well (ACT_ROWS
+                               would read g_y as stored: not split, so not overlapped).
 A chain that ends on BatchNorm/activation (no next GEMM to ride on) adds one elementwise kernel
 each way (`_act_fwd_kernel`, `_act_bwd_kernel`).
 
@@ -296,7 +298,7 @@ def _gemm_core(
     # B [K, N] and its activation site (features along N); with SPLIT_B, B's TF32 high part,
     # and at b_lo_ptr (same strides) its low part
     b_ptr, stride_bk, stride_bn, b_vec_ptr, b_seed_ptr, b_drop_p, b_drop_scale, b_slope, b_lo_ptr,
-    # where T_A(A) is stored (STORE_A: rows up to sa_rows, columns up to a_k_ld; STORE_A == 2:
+    # where T_A(A) is stored (STORE_A: rows up to sa_rows, padded rows whole; STORE_A == 2:
     # its TF32 split, the low part at sa_lo_ptr with the same strides)
     sa_ptr, stride_sam, sa_rows, sa_lo_ptr,
     # tile coordinates, sizes, and the bounds loads are masked by (module docstring: padded rows)
@@ -375,7 +377,8 @@ def _gemm_core(
             a32 = tl.where(mask_m[:, None] & mask_k[None, :], a32, 0.0)
             a = a32.to(a_ptr.dtype.element_ty)
         if STORE_A:
-            sa_mask = (offs_m < sa_rows)[:, None] & (offs_k < a_k_ld)[None, :]
+            # whole padded rows (zeros past the width, also where A's own rows are not padded)
+            sa_mask = (offs_m < sa_rows)[:, None] & (offs_k < stride_sam)[None, :]
             sa_offs = rows[:, None] * stride_sam + ks
             if STORE_A == 2:
                 a_hi, a_lo = _tf32_split(a)
@@ -1240,7 +1243,10 @@ class LinearBwd:
         stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
         if deferred is not None:
             assert deferred.x is z and deferred.site.vec is norm.vec, "a DeferredDW goes to the block whose output it reads"
-        if defer and input_grad and norm.mode != NO_BN and not site_in.identity:
+        # Without BatchNorm g_z = g_y is stored already and dW reads it in this launch (ACT_ROWS),
+        # but in fp32 at "highest" only a stored split lets that dW's loop overlap: deferred too
+        split = _precision(g_y.dtype) == "tf32x3"
+        if defer and input_grad and (norm.mode != NO_BN or split) and not site_in.identity:
             dw_mode = DEFERRED
         else:
             # (a_{l-1} is read along its features: contiguous ones)
@@ -1281,7 +1287,7 @@ class LinearBwd:
         self.uv_in = in_bn != NO_BN
         self.dw_shape = tuple(weight.shape)
         self.own_dw = dw_mode != DEFERRED
-        split_gz = self.split_gz = dw_mode == DEFERRED and _precision(g_y.dtype) == "tf32x3"
+        split_gz = self.split_gz = dw_mode == DEFERRED and split
         self.g_z = (1 + split_gz) * B * _pad(N) if dw_mode == DEFERRED else 0
         self.nx = deferred is not None
         dx_part = own.scratch + nxt.scratch
