@@ -248,18 +248,24 @@ def _run_backward(plans, fresh, specs, g_y, x, weights, zs, vecs, gammas, betas,
     first = len(plans) if fresh else len(plans) - L  # where the blocks' plans start (after ActBwd's)
     later = None  # a block's dW that its launch left to the next one (kernels.LinearBwd)
     later_plan = None  # (planning) that block's DeferredDW
+    x_split = None  # x's TF32 split, which the second block's launch writes for the first's dW
     for i in reversed(range(L)):
         z = zs[i] if zs[i].numel() else g_y  # (empty: the chain's output was z itself)
         h, in_vec, in_seed, in_gamma, in_beta = ((zs[i - 1], vecs[i - 1], seeds[i - 1], gammas[i - 1], betas[i - 1])
-                                                 if i > 0 else (x, None, None, None, None))
+                                                 if i > 0 else (x if x_split is None else x_split, None, None, None,
+                                                                None))
         if fresh:
             site_in, norm_in = (sites[i - 1], norms[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM)
             plans.append(K.LinearBwd(g_y, z, weights[i], norms[i], h, site_in, norm_in, i > 0 or input_grad,
-                                     specs[i].has_bias, i > 0, later_plan, i > 0))
+                                     specs[i].has_bias, i > 0, later_plan, i > 0,
+                                     x if i == 1 and K.splits_input(x) else None, i == 0 and x_split is not None))
         plan = plans[first + L - 1 - i]
         buffers(plan)
+        copy = (x, K.new_split(x)) if plan.copy_x else (None, None)
         g_y, dws[i], dbs[i], dgamma, dbeta, uv_in, later = plan(g_y, z, weights[i], vecs[i], uv, h, in_vec, in_seed,
-                                                                in_gamma, in_beta, seeds[i], later, scratch, tickets)
+                                                                in_gamma, in_beta, seeds[i], later, scratch, tickets,
+                                                                None, copy)
+        x_split = copy[1]
         if fresh:
             later_plan = K.DeferredDW(*later, h, site_in, plan.split_gz) if later is not None else None
         if i > 0:

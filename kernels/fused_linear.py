@@ -702,13 +702,17 @@ def _linear_bwd_kernel(
     # fp32 scratch: the dW roles' partials (with SPLIT, NX_SPLIT), then the dX programs' [2,
     # row_tiles, K]; ticket counters: the dX column tiles', then each dW role's tiles'
     scratch_ptr, ticket_ptr,
+    # COPY_X: the chain's input [M, CX_K] (any strides), whose TF32 split this launch writes for
+    # the next one's dW (X_SPLIT there) into xs [M, ld_cx], the low part M rows behind
+    cx_ptr, xs_ptr,
     # sizes: M = batch, N = out_features, K = in_features, NN = the next block's out_features;
     # load bounds of g_y and z along N, of W along K, of x along K, of g_y_{l-1}'s stores, of
     # the next block's g_z along NN (padded rows: module docstring)
-    M, N, K, NN, ld_n, ld_wk, ld_xk, ld_gk, ld_nn,
+    M, N, K, NN, ld_n, ld_wk, ld_xk, ld_gk, ld_nn, CX_K, ld_cx,
     # row strides (columns are contiguous, but x's and W's: the chain's input and the weight
     # may have any strides; and g_y's when it is a single column: see linear_bwd)
     stride_gm, stride_gn, stride_zm, stride_wn, stride_wk, stride_xm, stride_xk, stride_gim, stride_gzm, stride_nxm,
+    stride_cxm, stride_cxk,
     # programs: the first DX_PROGRAMS do dX, the next DW_PROGRAMS this block's dW, the rest the
     # next block's; each dW role's batch chunks
     DX_PROGRAMS, DW_PROGRAMS, ROWS_PER_SPLIT, NX_ROWS_PER_SPLIT,
@@ -718,14 +722,17 @@ def _linear_bwd_kernel(
     HAS_DX: tl.constexpr, IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
     W_COPY: tl.constexpr, DW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     NEXT: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, NX_HAS_BIAS: tl.constexpr, NX_SPLIT: tl.constexpr,
-    SPLIT_GZ: tl.constexpr, NX_SPLIT_GZ: tl.constexpr,
+    SPLIT_GZ: tl.constexpr, NX_SPLIT_GZ: tl.constexpr, COPY_X: tl.constexpr, X_SPLIT: tl.constexpr,
     DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
     NX_BLOCK_M: tl.constexpr, NX_BLOCK_N: tl.constexpr, NX_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One block's backward: the dX programs, this block's dW programs and the next block's
-    (module docstring). W_COPY as the forward's (the dX programs read W)."""
+    (module docstring). W_COPY as the forward's (the dX programs read W). X_SPLIT: x is the
+    chain's input as the previous launch split it (COPY_X), the low part M rows behind."""
     pid = tl.program_id(0)
+    if COPY_X:  # a share in every program
+        _copy_padded(cx_ptr, stride_cxm, stride_cxk, M, CX_K, xs_ptr, ld_cx, pid, tl.num_programs(0), 1024, True)
     if pid < DX_PROGRAMS:
         if HAS_DX:  # (not compiled when the launch has no dX programs: fewer registers)
             dw_part = _dw_scratch(M, N, K, ROWS_PER_SPLIT, SPLIT) if DW_MODE != DW_DEFERRED else 0
@@ -744,10 +751,11 @@ def _linear_bwd_kernel(
         if DW_MODE == DW_GRAD_ROWS:  # g_z^T @ a_{l-1}
             _dw_program(
                 pid - DX_PROGRAMS, g_y_ptr, z_ptr, stride_gm, stride_zm, vec_ptr, uv_ptr, None, 0.0, 0.0, 0.0,
-                x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope, None,
+                x_ptr, stride_xm, stride_xk, in_vec_ptr, in_seed_ptr, in_drop_p, in_drop_scale, in_slope,
+                x_ptr + _wide(M) * stride_xm if X_SPLIT else None,
                 dw_ptr, db_ptr, scratch_ptr, tickets, M, N, K, ld_n, ld_xk, ROWS_PER_SPLIT,
                 A_GRAD_M if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
-                IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False, HAS_BIAS, SPLIT, False,
+                IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False, HAS_BIAS, SPLIT, X_SPLIT,
                 DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION,
             )
         elif DW_MODE == DW_ACT_ROWS:  # (a_{l-1}^T @ g_y)^T, g_z = g_y without BatchNorm
@@ -1212,6 +1220,18 @@ def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, nar
                splits > 1, scratch)
 
 
+def splits_input(x: torch.Tensor) -> bool:
+    """Whether a chain on x reads it in its backward through a TF32 split (LinearBwd)."""
+    return _precision(x.dtype) == "tf32x3"
+
+
+def new_split(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer for x's TF32 split [M, K] (rows padded to 16 elements, the low
+    part M rows behind), as a view of its high part."""
+    M, K = x.shape
+    return _rows(x, M, K, _pad(K), 2 * M * _pad(K))
+
+
 class DeferredDW(NamedTuple):
     """A block's dW (and db) left by its backward launch to the next one (the previous block's),
     from the g_z [B, N] it stored: `linear_bwd(..., defer=True)` returns it, `linear_bwd(...,
@@ -1232,10 +1252,16 @@ class LinearBwd:
     next block's deferred dW, that block's call's `later`. Returns (g_in, dw, db, dgamma, dbeta,
     uv_in, later): as linear_bwd's, but for uv_in, norm_in's u, v buffer [2, K] (new unless
     given; None without BatchNorm there), and `later`, the (g_z, dw, db) of this block's
-    deferred dW."""
+    deferred dW.
+
+    The first block's dW reads the chain's input x as stored, so in fp32 at "highest" its loop
+    would split it inside (_gemm_core's SPLIT_B): there (`splits_input`) the launch before, the
+    second block's, is planned with `copy_x` (x) and called with copy=(x, new_split(x)), and
+    writes x's TF32 split, which the first block's, planned with `x_split`, takes as its x."""
 
     def __init__(self, g_y, z, weight, norm: Norm, x, site_in: Site, norm_in: Norm, input_grad: bool,
-                 has_bias: bool, chained: bool, deferred: Optional[DeferredDW], defer: bool):
+                 has_bias: bool, chained: bool, deferred: Optional[DeferredDW], defer: bool,
+                 copy_x: Optional[torch.Tensor] = None, x_split: bool = False):
         B, N = g_y.shape
         K = weight.shape[1]
         dev = g_y.device
@@ -1260,7 +1286,7 @@ class LinearBwd:
         # dW roles may take 8 warps (below), and then 32 columns: 16 would leave 8-byte loads.
         area, narrowest = 128 * 64, 32 if deferred is not None and dw_mode != DEFERRED else 16
         own = NO_DW if dw_mode == DEFERRED else _dw_plan(B, *((K, N) if dw_mode == ACT_ROWS else (N, K)), g_y.dtype,
-                                                         dev, area, narrowest)
+                                                         dev, area, narrowest, 3 if x_split else 1)
         nn = deferred.dw.shape[0] if deferred is not None else 0
         nxt = (_dw_plan(B, N, nn, g_y.dtype, dev, area, narrowest, 3 if deferred.split else 1)
                if deferred is not None else NO_DW)
@@ -1290,6 +1316,7 @@ class LinearBwd:
         split_gz = self.split_gz = dw_mode == DEFERRED and split
         self.g_z = (1 + split_gz) * B * _pad(N) if dw_mode == DEFERRED else 0
         self.nx = deferred is not None
+        self.copy_x = copy_x is not None
         dx_part = own.scratch + nxt.scratch
         dx_scratch = 2 * dx_row_tiles * K if in_bn != NO_BN else 0
         self.scratch, self.tickets = dx_part + dx_scratch, dx_col_tiles + own.tiles + nxt.tiles
@@ -1302,9 +1329,10 @@ class LinearBwd:
         # makes Triton see its elements as contiguous rows and load 8 at a time (a one-output head)
         self.sizes = (B, N, K, nn, min(_ld(g_y, N), _ld(z, N)), stride_wn if w_copy else K, _ld(x, K),
                       self.ld_in if input_grad else K, _ld(nx, nn) if nx is not None else 0,
+                      *((copy_x.shape[1], _pad(copy_x.shape[1])) if self.copy_x else (0, 0)),
                       g_y.stride(0), ALIGN if N == 1 else 1, z.stride(0), stride_wn, stride_wk, x.stride(0),
                       x.stride(1), self.ld_in if input_grad else 0, _pad(N) if self.g_z else 0,
-                      nx.stride(0) if nx is not None else 0,
+                      nx.stride(0) if nx is not None else 0, *(copy_x.stride() if self.copy_x else (0, 0)),
                       dx_programs, own.programs, own.rows_per_split, nxt.rows_per_split)
         self.launch = launch.Launch(
             _linear_bwd_kernel, (dx_programs + own.programs + nxt.programs, 1, 1),
@@ -1313,13 +1341,13 @@ class LinearBwd:
              input_grad, in_bn, self.dgamma, self.dbeta, w_copy,
              dw_mode, has_bias, own.split,
              self.nx, int(site.act), site.drop_p > 0, deferred is not None and deferred.db is not None,
-             nxt.split, split_gz, deferred is not None and deferred.split,
+             nxt.split, split_gz, deferred is not None and deferred.split, self.copy_x, x_split,
              dx_m, dx_n, dx_k, own.block_m, own.block_n, own.block_k, nxt.block_m, nxt.block_n, nxt.block_k,
              _precision(g_y.dtype)),
             num_warps, num_stages)
 
     def __call__(self, g_y, z, weight, vec, uv, x, in_vec, in_seed, in_gamma, in_beta, seed, later, scratch,
-                 tickets, uv_in=None):
+                 tickets, uv_in=None, copy=(None, None)):
         B, N, K = self.B, self.N, self.K
         g_in = _rows(g_y, B, K, self.ld_in, B * self.ld_in) if self.input_grad else None
         dgamma = torch.empty_like(in_gamma) if self.dgamma else None
@@ -1333,7 +1361,8 @@ class LinearBwd:
         self.launch((g_y, z, vec, uv, weight, x, in_vec, in_seed, *self.scalars_in, dgamma, dbeta, uv_in,
                      g_in if g_in is not None else g_y,  # (g_y: a stand-in, never written without dX programs)
                      dw if self.own_dw else None, db if self.own_dw else None, g_z,
-                     nx_gz, seed if self.nx else None, *self.scalars_nx, nx_dw, nx_db, scratch, tickets, *self.sizes))
+                     nx_gz, seed if self.nx else None, *self.scalars_nx, nx_dw, nx_db, scratch, tickets, *copy,
+                     *self.sizes))
         return g_in, dw, db, dgamma, dbeta, uv_in, ((g_z, dw, db) if g_z is not None else None)
 
     def partials(self, scratch):

@@ -86,12 +86,10 @@ def overlapped(row):
     return not _has_dot(row) or row["overlap"]
 
 
-def overlapped_past_the_input(row):
-    """Overlapped, but for the two fp32 GEMMs that read the chain's input and first weight as
-    the user stores them (not split ahead of time): the first block's forward and its own dW."""
-    flags = row["flags"]
-    first = flags.get("IN_MODE") == 0 and flags.get("W_COPY") == 0 and (
-        row["kernel"] == "linear_fwd" or row["kernel"] == "linear_dw" and flags["DW_MODE"] == 1)
+def overlapped_but_first_forward(row):
+    """Overlapped, but for the first block's forward, which reads the user's input and first
+    weight as stored: in fp32 nothing has split the weight ahead of time."""
+    first = row["kernel"] == "linear_fwd" and row["flags"]["IN_MODE"] == 0 and row["flags"]["W_COPY"] == 0
     return first or overlapped(row)
 
 
@@ -128,13 +126,13 @@ EXPECT = [
     # fewer rows than a wgmma's 64 where that is what fills the SMs (mma.sync)
     ("narrow", None, "linear_", full_wave, False),
     ("whole", None, "", full_wave, False),
-    # 3xTF32 where B is not split in memory ahead of time (the first block's forward and dW, which
-    # read the user's input and first weight): Triton's "tf32x3" splits B in registers and
-    # stores it to shared memory inside the loop, so it waits for each MMA. The other forwards
-    # and every dX read the weight's split, the deferred dWs g_z's (with or without BatchNorm,
-    # _gemm_core's SPLIT_B), and overlap: the next entries.
+    # 3xTF32 where B is not split in memory ahead of time (the first block's forward, which reads
+    # the user's first weight): Triton's "tf32x3" splits B in registers and stores it to shared
+    # memory inside the loop, so it waits for each MMA. The other forwards and every dX read
+    # the weight's split, the deferred dWs g_z's (with or without BatchNorm), the first block's
+    # dW x's (which the launch before writes) (_gemm_core's SPLIT_B), and overlap: the next entries.
     ("aligned", ("fp32",), "linear_", overlapped, True),
-    ("aligned", ("fp32",), "linear_", overlapped_past_the_input, False),
+    ("aligned", ("fp32",), "linear_", overlapped_but_first_forward, False),
     ("aligned", ("fp32",), "linear_dx", overlapped, False),
     ("aligned", ("fp32",), "linear_dwn", overlapped, False),
 ]
