@@ -184,19 +184,26 @@ def _run_forward(plans, fresh, x, h, start: int, specs, weights, biases, vecs, g
     GEMM and the next."""
     scratch = tickets = None
     saved = []
+    split = None  # the weight's TF32 split that the last launch wrote for this block (kernels.splits_apart)
     for i in range(start, len(specs)):
         s = specs[i]
         nw = weights[i + 1] if i + 1 < len(weights) else None  # (in chain_body too: its copy goes behind z's rows)
         in_vec, in_seed = (vecs[i - 1], seeds[i - 1]) if i > 0 else (None, None)  # the activation applied on load
+        weight = weights[i] if split is None else split
         if fresh:
             site_in = _site(specs[i - 1], in_vec, in_seed) if i > 0 else K.NO_SITE
             norm = _norm(s, vecs[i], gammas[i], betas[i], means[i], variances[i], counts[i])
-            plans.append(K.LinearFwd(h, weights[i], biases[i], site_in, norm, zs[i] if zs else None, nw, i > 0))
+            # (not across an op: chain_body's last block writes none for chain_forward's first)
+            apart = i + 1 < len(specs) and K.splits_apart(x.shape[0], x, nw)
+            plans.append(K.LinearFwd(h, weight, biases[i], site_in, norm, zs[i] if zs else None, nw, i > 0, apart,
+                                     split is not None))
         plan = plans[i - start]
         if scratch is None or plan.scratch > scratch.numel() or plan.tickets > tickets.numel():
             scratch, tickets = K.launch.scratch(x.device, plan.scratch), K.launch.tickets(x.device, plan.tickets)
-        h = plan(h, weights[i], biases[i], in_vec, in_seed, vecs[i], gammas[i], betas[i], means[i], variances[i],
-                 counts[i], nw, scratch, tickets, zs[i] if zs else None)
+        split_next = K.new_split(nw) if plan.copy_next == 3 else None
+        h = plan(h, weight, biases[i], in_vec, in_seed, vecs[i], gammas[i], betas[i], means[i], variances[i],
+                 counts[i], nw, scratch, tickets, zs[i] if zs else None, split_next)
+        split = split_next
         if s.sync:
             _synced_stats(plan.partials(scratch), x.shape[0],
                           _norm(s, vecs[i], gammas[i], betas[i], means[i], variances[i], counts[i]), s.sync)
@@ -248,24 +255,28 @@ def _run_backward(plans, fresh, specs, g_y, x, weights, zs, vecs, gammas, betas,
     first = len(plans) if fresh else len(plans) - L  # where the blocks' plans start (after ActBwd's)
     later = None  # a block's dW that its launch left to the next one (kernels.LinearBwd)
     later_plan = None  # (planning) that block's DeferredDW
-    x_split = None  # x's TF32 split, which the second block's launch writes for the first's dW
+    given, split = None, None  # what the last launch wrote split for this one, and the split
     for i in reversed(range(L)):
         z = zs[i] if zs[i].numel() else g_y  # (empty: the chain's output was z itself)
         h, in_vec, in_seed, in_gamma, in_beta = ((zs[i - 1], vecs[i - 1], seeds[i - 1], gammas[i - 1], betas[i - 1])
-                                                 if i > 0 else (x if x_split is None else x_split, None, None, None,
-                                                                None))
+                                                 if i > 0 else (x, None, None, None, None))
+        if given == "x":
+            h = split
         if fresh:
             site_in, norm_in = (sites[i - 1], norms[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM)
-            plans.append(K.LinearBwd(g_y, z, weights[i], norms[i], h, site_in, norm_in, i > 0 or input_grad,
-                                     specs[i].has_bias, i > 0, later_plan, i > 0,
-                                     x if i == 1 and K.splits_input(x) else None, i == 0 and x_split is not None))
+            kind = K.next_split(zs[i - 2] if i > 1 else x, weights[i - 1], i > 1, i > 1 or input_grad) if i else None
+            copy = (kind, x if kind == "x" else weights[i - 1]) if kind else None
+            plans.append(K.LinearBwd(g_y, z, split if given == "w" else weights[i], norms[i], h, site_in, norm_in,
+                                     i > 0 or input_grad, specs[i].has_bias, i > 0, later_plan, i > 0, copy, given))
         plan = plans[first + L - 1 - i]
         buffers(plan)
-        copy = (x, K.new_split(x)) if plan.copy_x else (None, None)
-        g_y, dws[i], dbs[i], dgamma, dbeta, uv_in, later = plan(g_y, z, weights[i], vecs[i], uv, h, in_vec, in_seed,
-                                                                in_gamma, in_beta, seeds[i], later, scratch, tickets,
-                                                                None, copy)
-        x_split = copy[1]
+        kind = plan.copy_kind
+        src = x if kind == "x" else weights[i - 1] if kind == "w" else None
+        copy = (src, K.new_split(src)) if kind else (None, None)
+        g_y, dws[i], dbs[i], dgamma, dbeta, uv_in, later = plan(g_y, z, split if given == "w" else weights[i],
+                                                                vecs[i], uv, h, in_vec, in_seed, in_gamma, in_beta,
+                                                                seeds[i], later, scratch, tickets, None, copy)
+        given, split = kind, copy[1]
         if fresh:
             later_plan = K.DeferredDW(*later, h, site_in, plan.split_gz) if later is not None else None
         if i > 0:

@@ -60,7 +60,8 @@ knows is divisible by 16 elements, under masks constant over 16-element runs; mo
 (z, g_y, g_z) have rows padded to 16 elements, written as zeros, and are read whole; a weight
 whose rows are not aligned is read through an aligned copy that the previous launch wrote, and
 in fp32 at "highest" every weight but the first is read through its TF32 split, written the
-same way where it fits (launchers: "padded rows and aligned weights"; _gemm_core's SPLIT_B).
+same way where it fits, else into a buffer of its own by the launch before each GEMM that reads
+it (launchers: "padded rows and aligned weights"; _gemm_core's SPLIT_B).
 
 Tiles: the first of TILES, largest first, that gives every SM a CTA (narrow layers take narrow
 tiles); dW also splits the batch until it does. A table measured on a GPU comes first
@@ -496,8 +497,8 @@ def _linear_fwd_kernel(
     # this block's BatchNorm: partials [3, row_tiles, N], vectors [6, N], parameters, running stats
     part_ptr, vec_ptr, gamma_ptr, beta_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ticket_ptr, eps, momentum,
     # the next block's weight [nw_rows, N], copied behind z's rows with z's row stride (COPY_NEXT
-    # copies: 2 for its TF32 split)
-    nw_ptr, stride_nwn, stride_nwk, nw_rows,
+    # copies: 2 for its TF32 split), or its TF32 split into nw_split [2 nw_rows, N] (COPY_NEXT 3)
+    nw_ptr, nw_split_ptr, stride_nwn, stride_nwk, nw_rows,
     # sizes, and the bounds of x's and W's loads along K and of z's stores (padded rows)
     M, N, K, ld_xk, ld_wk, ld_zn,
     # strides
@@ -510,8 +511,9 @@ def _linear_fwd_kernel(
 ):
     """z = act_in(x) @ W^T + b, and this block's BatchNorm vectors (see the module docstring).
     W_COPY: W is read through its aligned copy behind x's rows (1; the strides are the copy's) or
-    its TF32 split there, the low part right behind it (2: _gemm_core's SPLIT_B)."""
-    if W_COPY:
+    its TF32 split there, the low part right behind it (2: _gemm_core's SPLIT_B), or w_ptr is
+    such a split itself (3: a copy the launch before wrote elsewhere)."""
+    if W_COPY == 1 or W_COPY == 2:
         w_ptr = x_ptr + _wide(M) * stride_xm
     row_tiles = tl.cdiv(M, BLOCK_M)
     col_tiles = tl.cdiv(N, BLOCK_N)
@@ -525,7 +527,7 @@ def _linear_fwd_kernel(
         None, 0, 0, None,
         offs_m, offs_n, M, N, 0, K, M, ld_xk, ld_wk, N,
         IN_MODE, IN_BN, IN_ACT, IN_DROPOUT, False,
-        A_PLAIN, False, ACT_NONE, False, False, False, False, W_COPY == 2,
+        A_PLAIN, False, ACT_NONE, False, False, False, False, W_COPY >= 2,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     mask_m = offs_m < M
@@ -537,8 +539,9 @@ def _linear_fwd_kernel(
     tl.store(z_ptr + offs_m.to(tl.int64)[:, None] * stride_zm + offs_n[None, :], z,
              mask=mask_m[:, None] & (offs_n < ld_zn)[None, :])
     if COPY_NEXT:
-        _copy_padded(nw_ptr, stride_nwn, stride_nwk, nw_rows, N, z_ptr + _wide(M) * stride_zm, stride_zm,
-                     tl.program_id(0), row_tiles * col_tiles, 1024, COPY_NEXT == 2)
+        _copy_padded(nw_ptr, stride_nwn, stride_nwk, nw_rows, N,
+                     z_ptr + _wide(M) * stride_zm if COPY_NEXT < 3 else nw_split_ptr, stride_zm,
+                     tl.program_id(0), row_tiles * col_tiles, 1024, COPY_NEXT >= 2)
     if BN_MODE == BN_FIXED:
         if pid_m == 0:
             _fixed_vectors(vec_ptr, run_mean_ptr, run_var_ptr, gamma_ptr, beta_ptr, eps, N, offs_n, mask_n,
@@ -567,7 +570,7 @@ def _dx_program(
     the previous block's BatchNorm gradients (module docstring); with STORE_GZ the first
     column tile's programs also store the g_z they build, for the next launch's dW (2: its
     TF32 split, the low part M rows behind). W_COPY as the forward's."""
-    if W_COPY:
+    if W_COPY == 1 or W_COPY == 2:
         w_ptr = x_ptr + _wide(M) * stride_xm
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -579,7 +582,7 @@ def _dx_program(
         gz_ptr, stride_gzm, tl.where(pid_n == 0, M, 0), gz_lo_ptr,
         offs_m, offs_n, M, K, 0, N, M, ld_n, N, ld_wk,
         A_GRAD_K if HAS_BN else A_PLAIN, False, ACT_NONE, False, BATCH_STATS,
-        A_PLAIN, False, ACT_NONE, False, False, False, STORE_GZ, W_COPY == 2,
+        A_PLAIN, False, ACT_NONE, False, False, False, STORE_GZ, W_COPY >= 2,
         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )
     _grad_epilogue(
@@ -702,17 +705,18 @@ def _linear_bwd_kernel(
     # fp32 scratch: the dW roles' partials (with SPLIT, NX_SPLIT), then the dX programs' [2,
     # row_tiles, K]; ticket counters: the dX column tiles', then each dW role's tiles'
     scratch_ptr, ticket_ptr,
-    # COPY_X: the chain's input [M, CX_K] (any strides), whose TF32 split this launch writes for
-    # the next one's dW (X_SPLIT there) into xs [M, ld_cx], the low part M rows behind
-    cx_ptr, xs_ptr,
+    # COPY: an operand of the next launch [CP_ROWS, CP_COLS] (any strides: the chain's input or
+    # a weight), whose TF32 split this launch writes into cp_dst [CP_ROWS, ld_cp], the low part
+    # CP_ROWS rows behind (the next launch's X_SPLIT, or its W_COPY == 3)
+    cp_src_ptr, cp_dst_ptr,
     # sizes: M = batch, N = out_features, K = in_features, NN = the next block's out_features;
     # load bounds of g_y and z along N, of W along K, of x along K, of g_y_{l-1}'s stores, of
     # the next block's g_z along NN (padded rows: module docstring)
-    M, N, K, NN, ld_n, ld_wk, ld_xk, ld_gk, ld_nn, CX_K, ld_cx,
+    M, N, K, NN, ld_n, ld_wk, ld_xk, ld_gk, ld_nn, CP_ROWS, CP_COLS, ld_cp,
     # row strides (columns are contiguous, but x's and W's: the chain's input and the weight
     # may have any strides; and g_y's when it is a single column: see linear_bwd)
     stride_gm, stride_gn, stride_zm, stride_wn, stride_wk, stride_xm, stride_xk, stride_gim, stride_gzm, stride_nxm,
-    stride_cxm, stride_cxk,
+    stride_cpr, stride_cpc,
     # programs: the first DX_PROGRAMS do dX, the next DW_PROGRAMS this block's dW, the rest the
     # next block's; each dW role's batch chunks
     DX_PROGRAMS, DW_PROGRAMS, ROWS_PER_SPLIT, NX_ROWS_PER_SPLIT,
@@ -722,17 +726,18 @@ def _linear_bwd_kernel(
     HAS_DX: tl.constexpr, IN_BN_MODE: tl.constexpr, IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr,
     W_COPY: tl.constexpr, DW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     NEXT: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, NX_HAS_BIAS: tl.constexpr, NX_SPLIT: tl.constexpr,
-    SPLIT_GZ: tl.constexpr, NX_SPLIT_GZ: tl.constexpr, COPY_X: tl.constexpr, X_SPLIT: tl.constexpr,
+    SPLIT_GZ: tl.constexpr, NX_SPLIT_GZ: tl.constexpr, COPY: tl.constexpr, X_SPLIT: tl.constexpr,
     DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
     NX_BLOCK_M: tl.constexpr, NX_BLOCK_N: tl.constexpr, NX_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One block's backward: the dX programs, this block's dW programs and the next block's
     (module docstring). W_COPY as the forward's (the dX programs read W). X_SPLIT: x is the
-    chain's input as the previous launch split it (COPY_X), the low part M rows behind."""
+    chain's input as the previous launch split it (COPY), the low part M rows behind."""
     pid = tl.program_id(0)
-    if COPY_X:  # a share in every program
-        _copy_padded(cx_ptr, stride_cxm, stride_cxk, M, CX_K, xs_ptr, ld_cx, pid, tl.num_programs(0), 1024, True)
+    if COPY:  # a share in every program
+        _copy_padded(cp_src_ptr, stride_cpr, stride_cpc, CP_ROWS, CP_COLS, cp_dst_ptr, ld_cp, pid,
+                     tl.num_programs(0), 1024, True)
     if pid < DX_PROGRAMS:
         if HAS_DX:  # (not compiled when the launch has no dX programs: fewer registers)
             dw_part = _dw_scratch(M, N, K, ROWS_PER_SPLIT, SPLIT) if DW_MODE != DW_DEFERRED else 0
@@ -933,15 +938,17 @@ def _largest(dtype: torch.dtype, accumulators: int = 1) -> int:
     return 128 * 64 if dtype == torch.float32 else 128 * 128
 
 
-def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device):
+def _tiles(gemm: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+           accumulators: Optional[int] = None):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the `gemm` ("fwd", "dx": see
-    tiles.py) of an M x N output over K: the tile table's, else the heuristic's."""
+    tiles.py) of an M x N output over K: the tile table's, else the heuristic's (`accumulators`
+    where it is known: _accumulators)."""
     if _interpreting():
         return 32, 32, 32, 4, 1  # small tiles, so small test shapes still cross tile edges
     config = table_config(gemm, M, N, K, dtype, device)
     if config is not None:
         return tuple(config)
-    accumulators = _accumulators(gemm, M, N, K, dtype)
+    accumulators = accumulators or _accumulators(gemm, M, N, K, dtype)
     fits = _fitting(M, N, _largest(dtype, accumulators))
     fits += NARROW_TILES if N <= 32 else ()
     sms = num_sms()
@@ -1000,7 +1007,10 @@ def _warps(area: int) -> int:
 # SPLIT_B loads as two operands that the main loop pipelines (Triton's own "tf32x3" splits B
 # inside the loop and waits for every MMA). The copies a z carries are what its room says
 # (_weight_copies), so the backward reads what the forward wrote even if the matmul precision
-# changed in between.
+# changed in between. Where they do not fit, z carries none, and the launch before each GEMM
+# that reads the weight writes its split into a buffer that lives until that GEMM has run:
+# the previous forward (splits_apart, LinearFwd's split_next) and the next block's backward
+# (LinearBwd's next_split), at the cost of reading the weight once more and writing it twice.
 
 ALIGN = 16
 
@@ -1024,13 +1034,21 @@ def _fp32_split() -> bool:
 
 def _copies(rows: int, like: torch.Tensor, weight: torch.Tensor) -> int:
     """How many aligned copies of `weight` a z of `rows` rows in `like`'s dtype carries for the
-    block that reads it: two, the weight's TF32 split, where fp32 runs 3xTF32 (_gemm_core's
-    SPLIT_B) and they take no more memory than z itself (a z is kept for the backward: wide
-    layers at small batches would otherwise hold several times their activations); else one
-    where the weight's rows are not aligned; else none."""
-    if like.dtype == torch.float32 and _split_fits(rows, weight.shape[0]) and _fp32_split():
-        return 2
+    block that reads it: where fp32 runs 3xTF32 (_gemm_core's SPLIT_B), two, the weight's TF32
+    split, if they take no more memory than z itself (a z is kept for the backward: wide layers
+    at small batches would otherwise hold several times their activations), else none (the
+    launch before each GEMM that reads the weight splits it apart: splits_apart, LinearBwd's
+    next_split); else one where the weight's rows are not aligned; else none."""
+    if like.dtype == torch.float32 and _fp32_split():
+        return 2 if _split_fits(rows, weight.shape[0]) else 0
     return 0 if _aligned(weight) else 1
+
+
+def splits_apart(rows: int, like: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the forward launch before the block whose weight is `weight` writes the weight's
+    TF32 split into a buffer of its own (new_split; LinearFwd's `split_next`) for that block's
+    forward, as the z of `rows` rows it writes has no room for it (_copies)."""
+    return like.dtype == torch.float32 and _fp32_split() and not _split_fits(rows, weight.shape[0])
 
 
 def _rows(like: torch.Tensor, M: int, N: int, ld: int, size: int) -> torch.Tensor:
@@ -1094,10 +1112,14 @@ def _buffers(device, plan):
 
 class LinearFwd:
     """linear_fwd's plan; called with (x, weight, bias, in_vec, in_seed, vec, gamma, beta,
-    running_mean, running_var, num_batches, next_weight, scratch, tickets[, out]), site_in's and
-    norm's tensors among them, it returns z."""
+    running_mean, running_var, num_batches, next_weight, scratch, tickets[, out, next_split]),
+    site_in's and norm's tensors among them, it returns z.
 
-    def __init__(self, x, weight, bias, site_in: Site, norm: Norm, out, next_weight, chained: bool):
+    `split_next` (splits_apart): the launch writes next_weight's TF32 split into `next_split`
+    (new_split), which the next block's plan, made with `given`, takes as its weight."""
+
+    def __init__(self, x, weight, bias, site_in: Site, norm: Norm, out, next_weight, chained: bool,
+                 split_next: bool = False, given: bool = False):
         M, K = x.shape
         N = weight.shape[0]
         if out is not None:  # z written into out, as laid out
@@ -1109,9 +1131,15 @@ class LinearFwd:
         else:
             copy_next, self.size, ld_z, stride_zm = 0, M * N, N, N
         self.M, self.N, self.ld_z = M, N, ld_z
-        w_copy = _weight_copies(x, weight) if chained else 0  # this block's weight, read behind x
-        stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
-        block_m, block_n, block_k, num_warps, num_stages = _tiles("fwd", M, N, K, x.dtype, x.device)
+        if split_next:  # (no room behind z: splits_apart)
+            copy_next = 3
+        if given:  # weight is its split (the last launch's split_next)
+            w_copy, (stride_wn, stride_wk) = 3, weight.stride()
+        else:
+            w_copy = _weight_copies(x, weight) if chained else 0  # this block's weight, read behind x
+            stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
+        block_m, block_n, block_k, num_warps, num_stages = _tiles("fwd", M, N, K, x.dtype, x.device,
+                                                                  3 if given else None)
         row_tiles, col_tiles = launch.cdiv(M, block_m), launch.cdiv(N, block_n)
         mode = norm.mode
         self.mode, self.row_tiles, self.block_m = mode, row_tiles, block_m
@@ -1134,12 +1162,12 @@ class LinearFwd:
             num_warps, num_stages)
 
     def __call__(self, x, weight, bias, in_vec, in_seed, vec, gamma, beta, running_mean, running_var, num_batches,
-                 next_weight, scratch, tickets, out=None):
+                 next_weight, scratch, tickets, out=None, next_split=None):
         z = out if out is not None else _rows(x, self.M, self.N, self.ld_z, self.size)
         self.launch((x, weight, bias, z, in_vec, in_seed, *self.scalars_in,
                      scratch if self.scratch else None, vec, gamma, beta, running_mean, running_var,
                      num_batches if self.running else None, tickets if self.tickets else None, *self.scalars_bn,
-                     next_weight if self.copy_next else None, *self.sizes))
+                     next_weight if self.copy_next else None, next_split, *self.sizes))
         return z
 
     def partials(self, scratch):
@@ -1220,16 +1248,22 @@ def _dw_plan(B: int, DM: int, DN: int, dtype, device, area: int = 128 * 128, nar
                splits > 1, scratch)
 
 
-def splits_input(x: torch.Tensor) -> bool:
-    """Whether a chain on x reads it in its backward through a TF32 split (LinearBwd)."""
-    return _precision(x.dtype) == "tf32x3"
+def next_split(x: torch.Tensor, weight: torch.Tensor, chained: bool, input_grad: bool) -> Optional[str]:
+    """Which operand of a block's backward launch (its LinearBwd's arguments) the launch before
+    writes as its TF32 split: "x" (the chain's input, which the first block's dW reads), "w"
+    (the weight, for dX, where x carries no split of it), or None."""
+    if _precision(x.dtype) != "tf32x3":
+        return None
+    if not chained:
+        return "x"
+    return "w" if input_grad and _weight_copies(x, weight) < 2 else None
 
 
-def new_split(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised buffer for x's TF32 split [M, K] (rows padded to 16 elements, the low
-    part M rows behind), as a view of its high part."""
-    M, K = x.shape
-    return _rows(x, M, K, _pad(K), 2 * M * _pad(K))
+def new_split(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer for t's TF32 split [R, C] (rows padded to 16 elements, the low
+    part R rows behind), as a view of its high part."""
+    R, C = t.shape
+    return _rows(t, R, C, _pad(C), 2 * R * _pad(C))
 
 
 class DeferredDW(NamedTuple):
@@ -1254,19 +1288,25 @@ class LinearBwd:
     given; None without BatchNorm there), and `later`, the (g_z, dw, db) of this block's
     deferred dW.
 
-    The first block's dW reads the chain's input x as stored, so in fp32 at "highest" its loop
-    would split it inside (_gemm_core's SPLIT_B): there (`splits_input`) the launch before, the
-    second block's, is planned with `copy_x` (x) and called with copy=(x, new_split(x)), and
-    writes x's TF32 split, which the first block's, planned with `x_split`, takes as its x."""
+    In fp32 at "highest" a GEMM whose B operand is not split in memory splits it inside its loop
+    (_gemm_core's SPLIT_B): the first block's dW reads the chain's input as stored, and a dX
+    whose x carries no split of its weight (_copies) the weight. There the launch before writes
+    that operand's split (`next_split` says which): it is planned with `copy` = (the kind,
+    the operand) and called with copy=(the operand, new_split(it)); the next is planned with
+    `given` = the kind and called with the split as its x ("x") or its weight ("w")."""
 
     def __init__(self, g_y, z, weight, norm: Norm, x, site_in: Site, norm_in: Norm, input_grad: bool,
                  has_bias: bool, chained: bool, deferred: Optional[DeferredDW], defer: bool,
-                 copy_x: Optional[torch.Tensor] = None, x_split: bool = False):
+                 copy: Optional[Tuple[str, torch.Tensor]] = None, given: Optional[str] = None):
         B, N = g_y.shape
         K = weight.shape[1]
         dev = g_y.device
-        w_copy = _weight_copies(x, weight) if chained and input_grad else 0  # this block's weight, behind x
-        stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
+        x_split = given == "x"
+        if given == "w":  # the weight's split itself
+            w_copy, (stride_wn, stride_wk) = 3, weight.stride()
+        else:
+            w_copy = _weight_copies(x, weight) if chained and input_grad else 0  # this block's weight, behind x
+            stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
         if deferred is not None:
             assert deferred.x is z and deferred.site.vec is norm.vec, "a DeferredDW goes to the block whose output it reads"
         # Without BatchNorm g_z = g_y is stored already and dW reads it in this launch (ACT_ROWS),
@@ -1278,7 +1318,7 @@ class LinearBwd:
             # (a_{l-1} is read along its features: contiguous ones)
             dw_mode = ACT_ROWS if norm.mode == NO_BN and not site_in.identity and x.stride(1) == 1 else GRAD_ROWS
 
-        dx_m, dx_n, dx_k, num_warps, num_stages = _tiles("dx", B, K, N, g_y.dtype, dev)
+        dx_m, dx_n, dx_k, num_warps, num_stages = _tiles("dx", B, K, N, g_y.dtype, dev, 3 if w_copy == 3 else None)
         dx_row_tiles, dx_col_tiles = launch.cdiv(B, dx_m), launch.cdiv(K, dx_n)
         dx_programs = dx_row_tiles * dx_col_tiles if input_grad else 0
         # dW tiles up to 128 x 64: a launch's roles share its registers (the union of a dX role's and
@@ -1316,7 +1356,8 @@ class LinearBwd:
         split_gz = self.split_gz = dw_mode == DEFERRED and split
         self.g_z = (1 + split_gz) * B * _pad(N) if dw_mode == DEFERRED else 0
         self.nx = deferred is not None
-        self.copy_x = copy_x is not None
+        self.copy_kind = copy[0] if copy is not None else None
+        copy_src = copy[1] if copy is not None else None
         dx_part = own.scratch + nxt.scratch
         dx_scratch = 2 * dx_row_tiles * K if in_bn != NO_BN else 0
         self.scratch, self.tickets = dx_part + dx_scratch, dx_col_tiles + own.tiles + nxt.tiles
@@ -1329,10 +1370,10 @@ class LinearBwd:
         # makes Triton see its elements as contiguous rows and load 8 at a time (a one-output head)
         self.sizes = (B, N, K, nn, min(_ld(g_y, N), _ld(z, N)), stride_wn if w_copy else K, _ld(x, K),
                       self.ld_in if input_grad else K, _ld(nx, nn) if nx is not None else 0,
-                      *((copy_x.shape[1], _pad(copy_x.shape[1])) if self.copy_x else (0, 0)),
+                      *((*copy_src.shape, _pad(copy_src.shape[1])) if copy is not None else (0, 0, 0)),
                       g_y.stride(0), ALIGN if N == 1 else 1, z.stride(0), stride_wn, stride_wk, x.stride(0),
                       x.stride(1), self.ld_in if input_grad else 0, _pad(N) if self.g_z else 0,
-                      nx.stride(0) if nx is not None else 0, *(copy_x.stride() if self.copy_x else (0, 0)),
+                      nx.stride(0) if nx is not None else 0, *(copy_src.stride() if copy is not None else (0, 0)),
                       dx_programs, own.programs, own.rows_per_split, nxt.rows_per_split)
         self.launch = launch.Launch(
             _linear_bwd_kernel, (dx_programs + own.programs + nxt.programs, 1, 1),
@@ -1341,7 +1382,7 @@ class LinearBwd:
              input_grad, in_bn, self.dgamma, self.dbeta, w_copy,
              dw_mode, has_bias, own.split,
              self.nx, int(site.act), site.drop_p > 0, deferred is not None and deferred.db is not None,
-             nxt.split, split_gz, deferred is not None and deferred.split, self.copy_x, x_split,
+             nxt.split, split_gz, deferred is not None and deferred.split, copy is not None, x_split,
              dx_m, dx_n, dx_k, own.block_m, own.block_n, own.block_k, nxt.block_m, nxt.block_n, nxt.block_k,
              _precision(g_y.dtype)),
             num_warps, num_stages)

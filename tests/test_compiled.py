@@ -27,7 +27,8 @@ SM90_SMS = 132
 # not, the eval forward (BatchNorm folded) and the whole-net path (no BatchNorm, widths <= 128; a
 # 10-wide head, so its backward's partials are not a multiple of 16 elements per program);
 # a one-output head and an 8-feature input, whose forward and input gradient are GEMMs too
-# narrow for 64-row tiles to fill the SMs.
+# narrow for 64-row tiles to fill the SMs; fp32 layers so wide that their weights' TF32 splits
+# do not fit behind z (2 x 2600 rows > B), so the launch before each GEMM splits them apart.
 # The unaligned case pads the hidden layers only: the chain's input and its output's gradient
 # are the user's tensors, read as they are laid out (the sweep's have 128 features).
 CASES = [
@@ -36,6 +37,7 @@ CASES = [
     ("narrow", ("bf16", "fp32"), "train", 8, (252,), 1),
     ("eval", ("bf16", "fp32"), "infer", 256, (256,), 256),
     ("whole", ("bf16", "fp32"), "whole", 64, (64,), 10),
+    ("apart", ("fp32",), "train", 128, (2600, 2600), 128),
 ]
 _REPORT = """
 import json, sys
@@ -105,6 +107,7 @@ EXPECT = [
     ("eval", None, "", fits_shared_memory, False),
     ("whole", None, "", fits_shared_memory, False),
     ("narrow", None, "", fits_shared_memory, False),
+    ("apart", None, "", fits_shared_memory, False),
     ("aligned", ("fp16", "bf16"), "", wgmma, False),
     ("eval", ("bf16",), "", wgmma, False),
     ("unaligned", None, "", wgmma, False),
@@ -114,6 +117,7 @@ EXPECT = [
     ("eval", None, "", no_spills, False),
     ("whole", None, "", no_spills, False),
     ("narrow", None, "", no_spills, False),
+    ("apart", None, "", no_spills, False),
     ("unaligned", None, "linear_", vector_loads, False),
     ("whole", None, "mlp_bwd", no_narrow_loads, False),
     ("unaligned", None, "linear_", overlapped, False),
@@ -121,6 +125,8 @@ EXPECT = [
     ("eval", ("fp32",), "", tensor_cores, False),
     ("whole", None, "", tensor_cores, False),
     ("narrow", None, "", tensor_cores, False),
+    ("apart", None, "", tensor_cores, False),
+    ("apart", None, "linear_", full_wave, False),
     ("aligned", None, "linear_", full_wave, False),
     ("unaligned", None, "linear_", full_wave, False),
     # fewer rows than a wgmma's 64 where that is what fills the SMs (mma.sync)
@@ -133,6 +139,7 @@ EXPECT = [
     # dW x's (which the launch before writes) (_gemm_core's SPLIT_B), and overlap: the next entries.
     ("aligned", ("fp32",), "linear_", overlapped, True),
     ("aligned", ("fp32",), "linear_", overlapped_but_first_forward, False),
+    ("apart", None, "linear_", overlapped_but_first_forward, False),
     ("aligned", ("fp32",), "linear_dx", overlapped, False),
     ("aligned", ("fp32",), "linear_dwn", overlapped, False),
 ]
