@@ -101,9 +101,17 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
             return False
     dtypes = _FLOATS if low is not None else (x.dtype,)
     device = x.device
-    for ts in tensors[:6]:
-        for t in ts:
-            if t is not None and (t.dtype not in dtypes or t.device != device):
+    widths = []
+    for w in tensors.weights:  # (any strides; no input features: eager's zeros and bias gradient)
+        if w.dtype not in dtypes or w.device != device or w.dim() != 2 or not w.shape[1]:
+            return False
+        widths.append(w.shape[0])
+    # Per-feature tensors the kernels index as contiguous vectors of the block's width: others
+    # (strided, or the wrong size, which eager rejects) run eagerly. (Cheap checks: every call.)
+    for ts in tensors[1:6]:
+        for t, n in zip(ts, widths):
+            if t is not None and (t.dtype not in dtypes or t.device != device or t.numel() != n
+                                  or not t.is_contiguous()):
                 return False
     return True
 

@@ -177,7 +177,8 @@ library.register_fake(mlp_backward, _mlp_backward_fake)
 def _setup_context(ctx, inputs, output):
     x, weights, biases, ints, hid_relu, out_relu = inputs
     out, z, packed = output
-    ctx.save_for_backward(x, z, out, packed, *weights, *biases)
+    # out only where its ReLU's backward reads it: the user may change it in place otherwise
+    ctx.save_for_backward(x, z, out if out_relu else None, packed, *weights, *biases)
     ctx.L, ctx.ints, ctx.hid_relu, ctx.out_relu = len(weights), ints, hid_relu, out_relu
     ctx.set_materialize_grads(False)  # z and packed take no gradient: no zeros for them
 
@@ -205,6 +206,7 @@ def _gradients(ctx, grad_out, input_grad: bool, backward):
                                      acts, [0.0] * L, [0.0] * L, [0.0] * L)
         d_x, d_w, d_b = R.vjp(forward, [x, weights, biases], grad_out)
         return (d_x if input_grad else None), d_w, d_b
+    out = grad_out if out is None else out  # (a stand-in without an output ReLU: not read)
     grad_x, grads = backward(grad_out, x, z, out, packed, weights, biases, ctx.ints, ctx.hid_relu, ctx.out_relu,
                              input_grad)
     shapes = []

@@ -411,7 +411,10 @@ def _gemm_core(
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if SPLIT_B:
-        acc += acc_lo + acc_mid
+        # A NaN small term with a number for the big one comes from an infinity times a part
+        # that is 0 (inf's low part is 0 too): eager's inf * b is the big term's inf
+        small = acc_lo + acc_mid
+        acc = tl.where(small == small, acc + small, acc)
     return acc, row_sum, col_sum
 
 

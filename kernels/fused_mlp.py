@@ -168,9 +168,10 @@ def _accumulate_dot(ptr, offs, mask, a, b, again, PRECISION: tl.constexpr):
 
 @triton.jit
 def _relu_grad(g, z, RELU: tl.constexpr):
-    """g_z = g where z > 0 (as the per-layer kernels do), in fp32."""
+    """g_z = g but where z <= 0 (as the per-layer kernels do: torch's threshold_backward passes g
+    where z is NaN), in fp32."""
     if RELU:
-        g = tl.where(z > 0.0, g, 0.0)
+        g = tl.where(z <= 0.0, 0.0, g)
     return g
 
 
