@@ -262,20 +262,21 @@ def _run_backward(plans, fresh, specs, g_y, x, weights, zs, vecs, gammas, betas,
                                                  if i > 0 else (x, None, None, None, None))
         if given == "x":
             h = split
+        weight = split if given == "w" else weights[i]
         if fresh:
             site_in, norm_in = (sites[i - 1], norms[i - 1]) if i > 0 else (K.NO_SITE, K.NO_NORM)
             kind = K.next_split(zs[i - 2] if i > 1 else x, weights[i - 1], i > 1, i > 1 or input_grad) if i else None
-            copy = (kind, x if kind == "x" else weights[i - 1]) if kind else None
-            plans.append(K.LinearBwd(g_y, z, split if given == "w" else weights[i], norms[i], h, site_in, norm_in,
-                                     i > 0 or input_grad, specs[i].has_bias, i > 0, later_plan, i > 0, copy, given))
+            plans.append(K.LinearBwd(g_y, z, weight, norms[i], h, site_in, norm_in, i > 0 or input_grad,
+                                     specs[i].has_bias, i > 0, later_plan, i > 0,
+                                     (kind, x if kind == "x" else weights[i - 1]) if kind else None, given))
         plan = plans[first + L - 1 - i]
         buffers(plan)
         kind = plan.copy_kind
         src = x if kind == "x" else weights[i - 1] if kind == "w" else None
         copy = (src, K.new_split(src)) if kind else (None, None)
-        g_y, dws[i], dbs[i], dgamma, dbeta, uv_in, later = plan(g_y, z, split if given == "w" else weights[i],
-                                                                vecs[i], uv, h, in_vec, in_seed, in_gamma, in_beta,
-                                                                seeds[i], later, scratch, tickets, None, copy)
+        g_y, dws[i], dbs[i], dgamma, dbeta, uv_in, later = plan(g_y, z, weight, vecs[i], uv, h, in_vec, in_seed,
+                                                                in_gamma, in_beta, seeds[i], later, scratch, tickets,
+                                                                None, copy)
         given, split = kind, copy[1]
         if fresh:
             later_plan = K.DeferredDW(*later, h, site_in, plan.split_gz) if later is not None else None

@@ -1042,16 +1042,30 @@ def _copies(rows: int, like: torch.Tensor, weight: torch.Tensor) -> int:
     at small batches would otherwise hold several times their activations), else none (the
     launch before each GEMM that reads the weight splits it apart: splits_apart, LinearBwd's
     next_split); else one where the weight's rows are not aligned; else none."""
-    if like.dtype == torch.float32 and _fp32_split():
+    if _runs_3xtf32(like):
         return 2 if _split_fits(rows, weight.shape[0]) else 0
     return 0 if _aligned(weight) else 1
+
+
+def _runs_3xtf32(like: torch.Tensor) -> bool:
+    return like.dtype == torch.float32 and _fp32_split()
 
 
 def splits_apart(rows: int, like: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the forward launch before the block whose weight is `weight` writes the weight's
     TF32 split into a buffer of its own (new_split; LinearFwd's `split_next`) for that block's
     forward, as the z of `rows` rows it writes has no room for it (_copies)."""
-    return like.dtype == torch.float32 and _fp32_split() and not _split_fits(rows, weight.shape[0])
+    return _runs_3xtf32(like) and not _split_fits(rows, weight.shape[0])
+
+
+def _weight_read(x: torch.Tensor, weight: torch.Tensor, behind: bool, given: bool) -> Tuple[int, int, int]:
+    """(W_COPY, row stride, column stride) of how a GEMM reads `weight`: as the split the last
+    launch wrote, when `given` (3, the split's strides); through the copies behind x's rows, where
+    it may (`behind`) and x has them (_weight_copies); else as it is."""
+    if given:
+        return (3, *weight.stride())
+    w_copy = _weight_copies(x, weight) if behind else 0
+    return (w_copy, x.stride(0), 1) if w_copy else (0, *weight.stride())
 
 
 def _rows(like: torch.Tensor, M: int, N: int, ld: int, size: int) -> torch.Tensor:
@@ -1136,11 +1150,7 @@ class LinearFwd:
         self.M, self.N, self.ld_z = M, N, ld_z
         if split_next:  # (no room behind z: splits_apart)
             copy_next = 3
-        if given:  # weight is its split (the last launch's split_next)
-            w_copy, (stride_wn, stride_wk) = 3, weight.stride()
-        else:
-            w_copy = _weight_copies(x, weight) if chained else 0  # this block's weight, read behind x
-            stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
+        w_copy, stride_wn, stride_wk = _weight_read(x, weight, chained, given)  # (given: the last split_next)
         block_m, block_n, block_k, num_warps, num_stages = _tiles("fwd", M, N, K, x.dtype, x.device,
                                                                   3 if given else None)
         row_tiles, col_tiles = launch.cdiv(M, block_m), launch.cdiv(N, block_n)
@@ -1305,11 +1315,7 @@ class LinearBwd:
         K = weight.shape[1]
         dev = g_y.device
         x_split = given == "x"
-        if given == "w":  # the weight's split itself
-            w_copy, (stride_wn, stride_wk) = 3, weight.stride()
-        else:
-            w_copy = _weight_copies(x, weight) if chained and input_grad else 0  # this block's weight, behind x
-            stride_wn, stride_wk = (x.stride(0), 1) if w_copy else weight.stride()
+        w_copy, stride_wn, stride_wk = _weight_read(x, weight, chained and input_grad, given == "w")
         if deferred is not None:
             assert deferred.x is z and deferred.site.vec is norm.vec, "a DeferredDW goes to the block whose output it reads"
         # Without BatchNorm g_z = g_y is stored already and dW reads it in this launch (ACT_ROWS),
