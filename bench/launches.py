@@ -243,14 +243,17 @@ def main(argv=None):
     print(_table("eager", eager_step(eager, x[:64].float().to(dtype), grad[:64]), blocks))
     dw = dwfast_step(fused, x, grad)
     print(_table("dwfast", dw, blocks))
-    us = host_us(fused, x, grad, args.steps)
+    us = dw_us = host_us(fused, x, grad, args.steps)
     print(f"dwfast host time: {us:.0f} us per step, {us / max(dw.total, 1):.1f} us per launch "
           "(stand-in GPU: Python and Triton work up to the driver call)")
     us = host_us(*host_eager, args.steps, standin=False)
     print(f"eager host time: {us:.0f} us per step (run on the CPU at 2 rows, fp32: dispatch and a little arithmetic)")
     n_params = sum(1 for _ in fused.parameters())
-    print(f"of either, autograd's engine handing {n_params} parameters their gradients: {engine_us(fused, args.steps):.0f}"
+    engine = engine_us(fused, args.steps)
+    print(f"of either, autograd's engine handing {n_params} parameters their gradients: {engine:.0f}"
           " us (behind a node that computes nothing)")
+    print(f"dwfast's host time less that share: {dw_us - engine:.0f} us per step, "
+          f"{(dw_us - engine) / max(dw.total, 1):.1f} us per launch")
     if args.instructions:
         child = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--instructions"]
         counts = {which: instructions_per_step(child, which, args.steps) for which in ("dwfast", "eager")}

@@ -605,6 +605,9 @@ class _Chain(torch.autograd.Function):
                 *[g for g, t in zip(d_beta, call.betas) if t is not None])
 
 
+_chain_apply = library.direct_apply(_Chain)
+
+
 def draw_seed(device) -> Tensor:
     """One int64 dropout seed [1] from torch's generator on `device`, drawn per block with
     dropout in block order: seeded runs repeat, an eager model can draw the same stream, and
@@ -671,7 +674,7 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
             _keep(key, plans)
         call = _Call(specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds, plans)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
-            out = _Chain.apply(call, x, *params)
+            out = _chain_apply(call, library.unwrap_if_dead(x), *params)
         else:
             out = _run_call(call, x)[0]
     else:

@@ -250,6 +250,9 @@ class _WholeNet(torch.autograd.Function):
         return (None, d_x, *d_w, *d_b)
 
 
+_whole_net_apply = library.direct_apply(_WholeNet)
+
+
 def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Optional[Tensor]:
     """Run `blocks` on `x` as one kernel (inputs already validated by `fused_chain`), or
     return None when the chain does not qualify (see the module docstring).
@@ -276,7 +279,8 @@ def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Opt
     direct = library.direct([x, *weights, *present(biases), *(t for ts in bn_state for t in ts if t is not None)])
     if mode == "train":
         if direct:
-            return _WholeNet.apply((ints, hid_relu, out_relu), x, *weights, *present(biases)).to(dtype)
+            return _whole_net_apply((ints, hid_relu, out_relu), library.unwrap_if_dead(x), *weights,
+                                    *present(biases)).to(dtype)
         out, _, _ = mlp_train(x, weights, present(biases), ints, hid_relu, out_relu)
         return out.to(dtype)
     eps = [float(bn.eps) if bn is not None else 0.0 for bn in bns]
