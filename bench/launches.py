@@ -24,7 +24,10 @@ of its host time and its GPU time, so fusing must not cost the host more than ea
 With `--instructions`, both steps also run under `valgrind --tool=callgrind` (collection
 switched on around the steps only), which counts the instructions a step executes:
 repeatable to a fraction of a percent where CPU times on a shared machine move by tens of
-percent. These are counts and host times, not GPU timings.
+percent. With `--reference` too, the same counts for eager's and dwfast's training step and eval
+forward run for real on the CPU at `--batch` in fp32, where dwfast's `auto` backend runs its
+pure-PyTorch reference path: the ATen ops are eager's, so the counts differ by the Python
+around them, which fusing must not add to. These are counts and host times, not GPU timings.
 
 Runs in a process without Triton's interpreter (``TRITON_INTERPRET`` unset).
 """
@@ -191,6 +194,10 @@ def instructions_per_step(argv, which: str, steps: int) -> float:
     return int(totals.split()[1]) / steps
 
 
+# --reference's counts: (implementation)-(mode), run for real on the CPU
+REFERENCE_COUNTS = ("dwfast-train", "eager-train", "dwfast-infer", "eager-infer")
+
+
 def model_and_data(depth, width, batch, in_features, out_features, batchnorm, dropout, dtype):
     """A dwfast.MLP of `depth` hidden blocks of `width`, an unfused copy, an input and a grad."""
     torch.manual_seed(0)
@@ -223,7 +230,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="steps timed for host time (median)")
     p.add_argument("--instructions", action="store_true",
                    help="also count the instructions per step under valgrind's callgrind (repeatable)")
-    p.add_argument("--count-in-child", choices=["dwfast", "eager"], help=argparse.SUPPRESS)
+    p.add_argument("--reference", action="store_true",
+                   help="with --instructions: also count, at --batch in fp32 and run for real on the CPU, eager's and "
+                        "dwfast's training steps and eval forwards there (dwfast's pure-PyTorch reference path, what "
+                        "`auto` runs on the CPU: fusing must cost it nothing)")
+    p.add_argument("--count-in-child", choices=["dwfast", "eager", *REFERENCE_COUNTS], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     spec = (args.depth, args.width, args.batch, args.in_features, args.out_features, not args.no_batchnorm,
@@ -231,6 +242,11 @@ def main(argv=None):
     fused, _, x, grad = model_and_data(*spec)
     eager = model_and_data(*spec[:2], 64, *spec[3:])[1]
     host_eager = copy.deepcopy(eager).float(), x[:2].float(), grad[:2].float()  # eager's host time: 2 rows, fp32
+    if args.count_in_child in REFERENCE_COUNTS:
+        which, mode = args.count_in_child.split("-")
+        model = (fused if which == "dwfast" else dwfast.unfuse(copy.deepcopy(fused))).float().train(mode == "train")
+        _counted_steps(model, x.float(), grad.float() if mode == "train" else None, args.steps, standin=False)
+        return
     if args.count_in_child:
         model, x, grad = (fused, x, grad) if args.count_in_child == "dwfast" else host_eager
         _counted_steps(model, x, grad, args.steps, standin=args.count_in_child == "dwfast")
@@ -259,6 +275,12 @@ def main(argv=None):
         counts = {which: instructions_per_step(child, which, args.steps) for which in ("dwfast", "eager")}
         print(f"instructions per step (callgrind): dwfast {counts['dwfast'] / 1e6:.2f} M, "
               f"eager {counts['eager'] / 1e6:.2f} M")
+        if args.reference:
+            counts = {which: instructions_per_step(child, which, args.steps) for which in REFERENCE_COUNTS}
+            for mode in ("train", "infer"):
+                d, e = counts[f"dwfast-{mode}"], counts[f"eager-{mode}"]
+                print(f"CPU reference path, batch {args.batch} fp32, {mode}: dwfast {d / 1e6:.2f} M instructions per "
+                      f"step, eager {e / 1e6:.2f} M (eager / dwfast {e / d:.3f})")
 
 
 if __name__ == "__main__":

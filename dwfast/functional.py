@@ -33,40 +33,56 @@ def _check_eps(bn: nn.Module) -> None:
     F.batch_norm(x, stats, stats, training=uses_batch_stats(bn), eps=bn.eps)
 
 
+def _check_modules(blk: Block) -> None:
+    """The arguments eager's GELU and Dropout check on every call (nn.GELU takes any
+    ``approximate`` string at construction; ``p`` may be set at any time): F.gelu and F.dropout
+    themselves on meta tensors raise what eager raises, for the values they refuse only."""
+    act, drop = blk.act, blk.dropout
+    if type(act) is nn.GELU and act.approximate not in ("none", "tanh"):
+        F.gelu(torch.empty(1, device="meta"), approximate=act.approximate)
+    if drop is not None and not 0.0 <= drop.p <= 1.0:  # (NaN too)
+        F.dropout(torch.empty(1, device="meta"), drop.p, drop.training)
+
+
 def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
-    """Raise what eager would raise, before any state changes (eager's BatchNorm bumps
-    ``num_batches_tracked`` before its checks, and earlier blocks update their statistics)."""
+    """Raise what eager would raise, block by block in the order eager meets the modules,
+    before any state changes (eager's BatchNorm bumps ``num_batches_tracked`` before its
+    checks, and earlier blocks update their statistics)."""
     two_d = x.dim() == 2
+    single_row = two_d and x.shape[0] == 1
     if two_d:
         rows, width = x.shape
-        first = None
-        for blk in blocks:
+    for i, blk in enumerate(blocks):
+        if two_d:
             w = state(blk.linear, "weight")
             n_out, n_in = w.shape
             if n_in != width:
                 raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{width} and {n_in}x{n_out})")
             width = n_out
-            first = w if first is None else first
-        w = first
-        if x.dtype != w.dtype:  # (equal dtypes are fine with or without autocast)
-            low = autocast_dtype(x)
-            if _linear_dtype(x, low) != _linear_dtype(w, low):
-                # only float dtypes are worth suggesting for the model
-                model_hint = f" or the model with model.to({x.dtype})" if x.dtype.is_floating_point else ""
-                raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {w.dtype}: "
-                                   f"cast the input with x.to({w.dtype}){model_hint}")
-        if x.device != w.device:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but got input on {x.device} "
-                               f"and parameters on {w.device}: move one with .to(device)")
-    single_row = two_d and x.shape[0] == 1
-    for blk in blocks:  # block by block, as eager meets them: batch size first, then eps
+            if i == 0:
+                _check_first(x, w)
         bn = blk.bn
-        if bn is None:
-            continue
-        if single_row and uses_batch_stats(bn):
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-        if bn.eps <= 0:
-            _check_eps(bn)
+        if bn is not None:
+            if single_row and uses_batch_stats(bn):
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+            if bn.eps <= 0:
+                _check_eps(bn)
+        if blk.act is not None or blk.dropout is not None:
+            _check_modules(blk)
+
+
+def _check_first(x: torch.Tensor, w: torch.Tensor) -> None:
+    """The first Linear's dtype and device checks against the input."""
+    if x.dtype != w.dtype:  # (equal dtypes are fine with or without autocast)
+        low = autocast_dtype(x)
+        if _linear_dtype(x, low) != _linear_dtype(w, low):
+            # only float dtypes are worth suggesting for the model
+            model_hint = f" or the model with model.to({x.dtype})" if x.dtype.is_floating_point else ""
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {w.dtype}: "
+                               f"cast the input with x.to({w.dtype}){model_hint}")
+    if x.device != w.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but got input on {x.device} "
+                           f"and parameters on {w.device}: move one with .to(device)")
 
 
 def _ops_follow(bn: nn.Module, running_mean, running_var, num_batches) -> bool:
@@ -88,6 +104,8 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
     (``torch.func.grad``, ``vmap``, ``jacrev``, ...) or forward-mode AD the chain runs
     eagerly: the ops have no batching rules or forward derivatives.
     """
+    if not (x.is_cuda or x.is_cpu):  # meta (shape inference), XLA, MPS, ...: eager's ops know them
+        return False
     low = autocast_dtype(x)
     if x.dim() != 2 or x.shape[0] == 0 or x.dtype not in _FLOATS or low not in (None, torch.float16, torch.bfloat16):
         return False
@@ -127,6 +145,8 @@ def fused_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     ``torch.autocast`` it follows eager's autocast (see :func:`dwfast.ops.chain`); it traces
     under ``torch.compile(fullgraph=True)``, also with ``BatchNorm1d(momentum=None)``.
     """
+    if torch.jit.is_tracing():  # a trace records ATen ops: eager's, as eager would run them
+        return eager_chain(x, blocks)
     _validate(x, blocks)
     if is_reference(x):
         return eager_chain(x, blocks)

@@ -30,17 +30,24 @@ class FusedSequential(nn.Sequential):
             input = fused_chain(input, step) if isinstance(step, list) else step(input)
         return input
 
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """What torch.jit.script compiles: an ``nn.Sequential`` of the same children (TorchScript
+        runs no Triton kernel; the scripted model computes what eager does, on the same
+        Parameters and buffers)."""
+        return nn.Sequential(OrderedDict(self._modules))
+
     def _plan(self):
-        """plan() of the children, cached while they stay the same objects and carry no hooks
-        (hooks exclude a module from fusion, and may come and go without a trace)."""
+        """plan() of the children, cached while they stay the same objects, of the same types, and
+        carry no hooks (hooks exclude a module from fusion, and may come and go without a trace)."""
         children = tuple(self._modules.values())
         if any_hooks(children):
             return plan(children)
         cached = self.__dict__.get("_dwfast_plan")
-        if cached is None or cached[0] != children:
-            cached = (children, plan(children))
+        types = tuple(map(type, children))  # (a child's __class__ may be swapped in place)
+        if cached is None or cached[0] != children or cached[1] != types:
+            cached = (children, types, plan(children))
             object.__setattr__(self, "_dwfast_plan", cached)  # a plain attribute: not in the state_dict
-        return cached[1]
+        return cached[2]
 
 
 def _check_width(name: str, value) -> int:

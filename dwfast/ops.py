@@ -26,7 +26,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import distributed as D
 from . import kernels as K
@@ -131,10 +131,15 @@ def _key(name, specs, extra, tensors, activations, vectors) -> tuple:
     """A chain plan's key (above): its op, the blocks' options and `extra`, the global state,
     the device of `tensors[0]`, then what plans read of `tensors`, `activations` and `vectors`."""
     return (name, specs, extra, _state(), tensors[0].device,  # (a compiled kernel's handle is per device)
-            tuple([(t.dtype, t.shape, t.stride(), t.data_ptr() & 15) for t in tensors]),
-            tuple([(t.shape, t.stride(), t.storage_offset(), t.untyped_storage().nbytes(), t.data_ptr() & 15)
-                   for t in activations]),
+            tuple([(t.dtype, t.shape, t.stride(), t.data_ptr() & 15) for t in tensors]), _layouts(activations),
             tuple([t.dtype for t in vectors]))
+
+
+def _layouts(activations) -> tuple:
+    """What plans read of activations the kernels pass each other: their layout, the room behind
+    their rows (storage offset and size) and their 16-byte alignment."""
+    return tuple([(t.shape, t.stride(), t.storage_offset(), t.untyped_storage().nbytes(), t.data_ptr() & 15)
+                  for t in activations])
 
 
 def _plans(key, make=list):
@@ -532,6 +537,7 @@ class _Call(NamedTuple):
     num_batches: list
     seeds: list
     plans: dict
+    saves_out: bool = False  # eager's last activation saves its output (_saves_output)
 
 
 def _run_call(call: _Call, x) -> List[Tensor]:
@@ -563,12 +569,23 @@ class _Chain(torch.autograd.Function):
     def forward(ctx, call: _Call, x, *params):
         out, *saved = _run_call(call, x)
         ctx.call, ctx.vecs = call, _vecs(x, call.weights, call.specs, saved[1::_PER_BLOCK])
+        # Saved-tensor hooks (offloading, checkpointing) may give the backward copies of x and the
+        # zs, laid out anew (no room behind their rows): its plans then key on their layout too
+        ctx.hooked = torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
         ctx.set_materialize_grads(False)
-        # past the weights and zs: for the differentiable recomputation (and version checks) only
-        fixed = [s.bn_mode == FIXED for s in call.specs]
-        ctx.save_for_backward(x, *saved[0::_PER_BLOCK], *params,
-                              *[m for m, f in zip(call.running_means, fixed) if f],
-                              *[v for v, f in zip(call.running_vars, fixed) if f])
+        # Saved: the zs, then what eager's ops save, so that an in-place change between forward and
+        # backward raises where eager's would (and only there): x where the first weight takes a
+        # gradient, a weight where its block's input takes one (addmm), gammas and the FIXED blocks'
+        # running statistics (batch_norm). The call holds the rest (ctx.x: x when not saved).
+        checked, needs = ([x] if call.weights[0].requires_grad else []), x.requires_grad
+        for s, w, b, g, beta, m, v in zip(call.specs, call.weights, call.biases, call.gammas, call.betas,
+                                          call.running_means, call.running_vars):
+            if needs:
+                checked.append(w)
+            needs = needs or w.requires_grad or any(t is not None and t.requires_grad for t in (b, g, beta))
+            checked += [t for t in (g, m, v) if t is not None and (t is g or s.bn_mode == FIXED)]
+        ctx.x = None if checked and checked[0] is x else x
+        ctx.save_for_backward(*saved[0::_PER_BLOCK], *checked, *([out] if call.saves_out else []))
         return out
 
     @staticmethod
@@ -579,20 +596,20 @@ class _Chain(torch.autograd.Function):
         if grad_out is None:
             return (None,) * (2 + L + sum(map(len, (_present(call.biases), _present(call.gammas),
                                                    _present(call.betas)))))
-        saved = ctx.saved_tensors
-        x, zs, params = saved[0], list(saved[1:1 + L]), saved[1 + L:]
-        n = [len(_present(ts)) for ts in (call.biases, call.gammas, call.betas)]
-        weights = list(params[:L])
-        biases, gammas, betas = (list(params[L + sum(n[:i]):L + sum(n[:i + 1])]) for i in range(3))
+        saved = ctx.saved_tensors  # (version checks)
+        zs, x = list(saved[:L]), ctx.x if ctx.x is not None else saved[L]
+        weights = call.weights
         input_grad = ctx.needs_input_grad[1]
         if R.differentiable(grad_out):  # create_graph=True or batched
-            fixed_rest = params[L + sum(n):]
+            fixed = [s.bn_mode == FIXED for s in specs]
             d_x, d_w, d_b, d_gamma, d_beta = _reference_backward(
-                specs, grad_out, x, _present(call.seeds), weights, biases, gammas, betas,
-                list(fixed_rest[:len(fixed_rest) // 2]), list(fixed_rest[len(fixed_rest) // 2:]))
+                specs, grad_out, x, _present(call.seeds), weights, _present(call.biases), _present(call.gammas),
+                _present(call.betas), [m for m, f in zip(call.running_means, fixed) if f],
+                [v for v, f in zip(call.running_vars, fixed) if f])
             return (None, d_x if input_grad else None, *d_w, *d_b, *d_gamma, *d_beta)
         g_y = grad_out.contiguous()
-        key = (input_grad, g_y.dtype, g_y.shape, g_y.stride(), g_y.data_ptr() & 15, _state())
+        key = (input_grad, g_y.dtype, g_y.shape, g_y.stride(), g_y.data_ptr() & 15, _state(),
+               _layouts((x, *zs)) if ctx.hooked else None)
         plans = call.plans.get(key)
         fresh = plans is None
         if fresh:
@@ -606,6 +623,14 @@ class _Chain(torch.autograd.Function):
 
 
 _chain_apply = library.direct_apply(_Chain)
+
+
+def _saves_output(last: Block, spec: Spec) -> bool:
+    """Whether eager's backward reads the chain's output as its last module returned it, so that
+    changing it in place before the backward raises: ReLU's and Tanh's results are saved (and an
+    in-place LeakyReLU's), unless a Dropout that drops makes the output anew."""
+    act = last.act
+    return spec.drop_p == 0 and (type(act) in (nn.ReLU, nn.Tanh) or (type(act) is nn.LeakyReLU and act.inplace))
 
 
 def draw_seed(device) -> Tensor:
@@ -672,7 +697,8 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
         plans, fresh = _plans(key, dict)
         if fresh:
             _keep(key, plans)
-        call = _Call(specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds, plans)
+        call = _Call(specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds, plans,
+                     _saves_output(blocks[-1], specs[-1]))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
             out = _chain_apply(call, library.unwrap_if_dead(x), *params)
         else:

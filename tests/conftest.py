@@ -54,7 +54,7 @@ def _kernel_mask_dropout(self, x):
     """nn.Dropout.forward with the fused kernels' masks: the same seed draw (ops.draw_seed)
     and the same Philox stream (kernels.dropout_scale), so an eager reference model drops
     exactly what a fused chain drops."""
-    if not self.training or self.p == 0 or x.dim() != 2:
+    if not self.training or self.p == 0 or x.dim() != 2 or not 0 < self.p <= 1:  # (eager's errors)
         return _eager_dropout(self, x)
     from dwfast import kernels as K
     from dwfast.ops import draw_seed

@@ -1,6 +1,8 @@
 """Models users build that the kernels must not get wrong: per-feature tensors that are strided
 or of the wrong size, a Linear without input features, an output changed in place, NaN and
-infinity through the chain. Each runs fused (the kernels through the interpreter, per-layer and
+infinity through the chain; and what users' code does around a model: saved-tensor hooks,
+TorchScript, swapped module classes, bad module arguments, in-place changes between forward
+and backward, meta tensors. Each runs fused (the kernels through the interpreter, per-layer and
 whole-net paths) and eager on copies of one model, and compares everything eager produces.
 """
 import copy
@@ -111,3 +113,130 @@ def test_nan_and_inf(kernel_device, spy, value, whole, bn, monkeypatch):  # noqa
     _assert_same(_step(fused, x), _step(eager, x))
     if not bn:  # (with BatchNorm, a training step runs the per-layer path)
         assert spy["train"] == (1 if whole else 0)
+
+
+# ---- what users' code does around a fused model (an acceptance-style hunt's findings)
+
+
+def _grads(model, x):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("order", ["plain_first", "hooked_first"])
+def test_saved_tensor_hooks(kernel_device, order):
+    """Saved-tensor hooks (activation offloading: save_on_cpu copies on a GPU) hand the backward
+    copies of the saved tensors, contiguous, without the room behind their rows that the plans
+    of an unhooked step read: the backward plans for what it gets."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    fused, eager = _pair(model)
+    x = torch.randn(12, 6)
+    for hooked in ([False, True] if order == "plain_first" else [True, False]):
+        for m in (fused, eager):
+            m.zero_grad()
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t) if hooked else \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                out = m(x)
+            out.sum().backward()
+        _assert_same(_grads(fused, x), _grads(eager, x))
+
+
+def test_child_class_swapped(backend):
+    """A child whose __class__ is swapped after a forward runs as its new class does."""
+    class Halve(nn.Dropout):
+        def forward(self, x):
+            return x * 0.5
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.0), nn.Linear(8, 3))
+    fused, eager = _pair(model)
+    x = torch.randn(10, 6)
+    _assert_same(_step(fused, x), _step(eager, x))
+    for m in (fused, eager):
+        m[3].__class__ = Halve
+        m[2].__class__ = type("MyReLU", (nn.ReLU,), {})
+    _assert_same(_step(fused, x), _step(eager, x))
+
+
+def test_torchscript(backend):
+    """torch.jit.trace records eager's ops, and torch.jit.script compiles the children as an
+    nn.Sequential: both compute what the unfused model computes."""
+    fused, eager = _pair(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval())
+    x = torch.randn(4, 6)
+    want = eager(x)
+    for compiled in (torch.jit.trace(fused, x), torch.jit.script(fused), torch.jit.script(dwfast.MLP(6, [8], 3))):
+        assert isinstance(compiled, torch.jit.ScriptModule)
+    torch.testing.assert_close(torch.jit.trace(fused, x)(x), want)
+    torch.testing.assert_close(torch.jit.script(fused)(x), want)
+
+
+@pytest.mark.parametrize("bad", ["gelu", "p_over_1", "p_negative", "p_nan"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_arguments_checked_as_eager(backend, bad, training):
+    """nn.GELU takes any `approximate` string and Dropout's p can be set to anything: eager's
+    F.gelu / F.dropout raise on every call, train or eval, and so does a fused chain."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 3)).train(training)
+    fused, eager = _pair(model)
+    for m in (fused, eager):
+        if bad == "gelu":
+            m[1].approximate = "Tanh"
+        else:
+            m[2].p = {"p_over_1": 1.5, "p_negative": -0.1, "p_nan": float("nan")}[bad]
+    x = torch.randn(10, 6)
+    with pytest.raises(Exception) as want:
+        eager(x)
+    with pytest.raises(type(want.value)) as got:
+        fused(x)
+    assert str(got.value) == str(want.value)
+
+
+def test_errors_in_eager_order(backend):
+    """A batch of one in training, and a width mismatch in a later block: eager meets the first
+    BatchNorm's ValueError first."""
+    fused, eager = _pair(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(9, 3)))
+    for m in (eager, fused):
+        with pytest.raises(ValueError):
+            m(torch.randn(1, 6))
+
+
+@pytest.mark.parametrize("x_grad", [False, True], ids=["input_no_grad", "input_grad"])
+def test_weight_changed_in_place_before_backward(kernel_device, x_grad):
+    """Changing the first weight in place between forward and backward: eager saved it (and so
+    raises) only where the input takes a gradient; a fused chain then raises too, and otherwise
+    gives eager's gradients."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    fused, eager = _pair(model)
+    x = torch.randn(12, 6).requires_grad_(x_grad)
+    outs = [m(x) for m in (fused, eager)]
+    for m in (fused, eager):
+        with torch.no_grad():
+            m[0].weight.mul_(0.5)
+            m[0].bias.add_(1.0)  # (never saved)
+    for out in outs:
+        if x_grad:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+        else:
+            out.sum().backward()
+    if not x_grad:
+        _assert_same(_grads(fused, x), _grads(eager, x))
+
+
+@pytest.mark.parametrize("last", ["relu", "tanh", "gelu"])
+def test_output_changed_in_place(kernel_device, last):
+    """A chain's output changed in place before the backward: an error where eager's last
+    activation saved its result (ReLU, Tanh), eager's gradients where it did not (GELU)."""
+    act = {"relu": nn.ReLU(), "tanh": nn.Tanh(), "gelu": nn.GELU()}[last]
+    fused, eager = _pair(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4), act))
+    x = torch.randn(10, 6)
+    if last == "gelu":
+        _assert_same(_step(fused, x, inplace=True), _step(eager, x, inplace=True))
+        return
+    for m in (fused, eager):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            _step(m, x, inplace=True)
+
+
+def test_meta_device(kernel_device):
+    """Meta tensors (shape inference) run eagerly, whatever the backend."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to("meta")
+    out = dwfast.fuse(model)(torch.empty(4, 6, device="meta"))
+    assert out.shape == (4, 3) and out.device.type == "meta"
