@@ -131,6 +131,11 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
             if t is not None and (t.dtype not in dtypes or t.device != device or t.numel() != n
                                   or not t.is_contiguous()):
                 return False
+    if low is not None:  # eager's BatchNorm takes autocast's z with all-fp32 or all-z-dtype parameters
+        for bn_tensors in zip(*tensors[2:6]):
+            kinds = {t.dtype for t in bn_tensors if t is not None}
+            if kinds and kinds != {torch.float32} and kinds != {low}:
+                return False
     return True
 
 

@@ -240,3 +240,16 @@ def test_meta_device(kernel_device):
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to("meta")
     out = dwfast.fuse(model)(torch.empty(4, 6, device="meta"))
     assert out.shape == (4, 3) and out.device.type == "meta"
+
+
+def test_autocast_over_other_low_dtype(kernel_device):
+    """bf16 autocast over an fp16 model: eager's BatchNorm refuses bf16 input with fp16
+    parameters (fp32 or the input's dtype only), and so does a fused chain."""
+    fused, eager = _pair(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).half())
+    x = torch.randn(10, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError) as want:
+            eager(x)
+        with pytest.raises(RuntimeError) as got:
+            fused(x)
+    assert str(got.value) == str(want.value)
