@@ -239,12 +239,12 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     spec = (args.depth, args.width, args.batch, args.in_features, args.out_features, not args.no_batchnorm,
             args.dropout, dtype)
-    fused, _, x, grad = model_and_data(*spec)
+    fused, unfused, x, grad = model_and_data(*spec)
     eager = model_and_data(*spec[:2], 64, *spec[3:])[1]
     host_eager = copy.deepcopy(eager).float(), x[:2].float(), grad[:2].float()  # eager's host time: 2 rows, fp32
     if args.count_in_child in REFERENCE_COUNTS:
         which, mode = args.count_in_child.split("-")
-        model = (fused if which == "dwfast" else dwfast.unfuse(copy.deepcopy(fused))).float().train(mode == "train")
+        model = (fused if which == "dwfast" else unfused).float().train(mode == "train")
         _counted_steps(model, x.float(), grad.float() if mode == "train" else None, args.steps, standin=False)
         return
     if args.count_in_child:

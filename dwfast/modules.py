@@ -43,11 +43,11 @@ class FusedSequential(nn.Sequential):
         if any_hooks(children):
             return plan(children)
         cached = self.__dict__.get("_dwfast_plan")
-        types = tuple(map(type, children))  # (a child's __class__ may be swapped in place)
-        if cached is None or cached[0] != children or cached[1] != types:
-            cached = (children, types, plan(children))
+        key = (children, tuple(map(type, children)))  # (a child's __class__ may be swapped in place)
+        if cached is None or cached[0] != key:
+            cached = (key, plan(children))
             object.__setattr__(self, "_dwfast_plan", cached)  # a plain attribute: not in the state_dict
-        return cached[2]
+        return cached[1]
 
 
 def _check_width(name: str, value) -> int:

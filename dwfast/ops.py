@@ -537,7 +537,7 @@ class _Call(NamedTuple):
     num_batches: list
     seeds: list
     plans: dict
-    saves_out: bool = False  # eager's last activation saves its output (_saves_output)
+    saves_out: bool  # eager's last activation saves its output (_saves_output)
 
 
 def _run_call(call: _Call, x) -> List[Tensor]:
@@ -577,14 +577,18 @@ class _Chain(torch.autograd.Function):
         # backward raises where eager's would (and only there): x where the first weight takes a
         # gradient, a weight where its block's input takes one (addmm), gammas and the FIXED blocks'
         # running statistics (batch_norm). The call holds the rest (ctx.x: x when not saved).
-        checked, needs = ([x] if call.weights[0].requires_grad else []), x.requires_grad
+        x_saved = call.weights[0].requires_grad
+        checked, needs = ([x] if x_saved else []), x.requires_grad
         for s, w, b, g, beta, m, v in zip(call.specs, call.weights, call.biases, call.gammas, call.betas,
                                           call.running_means, call.running_vars):
             if needs:
                 checked.append(w)
             needs = needs or w.requires_grad or any(t is not None and t.requires_grad for t in (b, g, beta))
-            checked += [t for t in (g, m, v) if t is not None and (t is g or s.bn_mode == FIXED)]
-        ctx.x = None if checked and checked[0] is x else x
+            if g is not None:
+                checked.append(g)
+            if s.bn_mode == FIXED:
+                checked += [m, v]
+        ctx.x = None if x_saved else x
         ctx.save_for_backward(*saved[0::_PER_BLOCK], *checked, *([out] if call.saves_out else []))
         return out
 
