@@ -138,13 +138,24 @@ class _Passthrough(torch.autograd.Function):
     costs a step for its parameters alone (engine_us)."""
 
     @staticmethod
-    def forward(ctx, grads, x, *params):
+    def forward(ctx, grads: list, x, *params):
         ctx.grads = grads
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, grad, *ctx.grads)
+        # handed over with no other reference, as a real backward's new gradients are: the
+        # engine's AccumulateGrad then takes each as the parameter's .grad (a copy otherwise)
+        grads, ctx.grads[:] = tuple(ctx.grads), []
+        return (None, grad, *grads)
+
+
+def _engine_step(params, x):
+    """A backward that only hands `params` new gradients (set to None first), ready to run."""
+    for p in params:
+        p.grad = None
+    out = _Passthrough.apply([torch.empty_like(p) for p in params], x, *params)
+    return lambda: out.backward(torch.ones(1))
 
 
 def engine_us(model, steps: int = 20) -> float:
@@ -152,36 +163,46 @@ def engine_us(model, steps: int = 20) -> float:
     `model`'s parameters (one AccumulateGrad node each), with nothing else computed: a part of
     any implementation's step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [torch.zeros_like(p) for p in params]
     x, times = torch.zeros(1, requires_grad=True), []
     for _ in range(steps + 2):
-        for p in params:
-            p.grad = None
-        out = _Passthrough.apply(grads, x, *params)
+        backward = _engine_step(params, x)
         t0 = time.thread_time()
-        out.backward(torch.ones(1))
+        backward()
         times.append(time.thread_time() - t0)
     return sorted(times[2:])[len(times[2:]) // 2] * 1e6
+
+
+def _collect(state: str) -> None:
+    subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True, capture_output=True)
 
 
 def _counted_steps(model, x, grad, steps: int, standin: bool) -> None:
     """`steps` training steps with callgrind's collection on, after three without (warm-up and,
     on the stand-in, compiles); this process runs under valgrind --tool=callgrind
-    --instr-atstart=no (instructions_per_step)."""
-    def collect(state):
-        subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True, capture_output=True)
+    --instr-atstart=no (instructions_per_step). With `x` None, the engine's backwards alone
+    (engine_us), collection on around each."""
+    if x is None:
+        params, x = [p for p in model.parameters() if p.requires_grad], torch.zeros(1, requires_grad=True)
+        for i in range(steps + 3):
+            backward = _engine_step(params, x)
+            if i >= 3:
+                _collect("on")
+            backward()
+            if i >= 3:
+                _collect("off")
+        return
     with _host(standin):
         for _ in range(3):
             _step(model, x, grad)
-        collect("on")
+        _collect("on")
         for _ in range(steps):
             _step(model, x, grad)
-        collect("off")
+        _collect("off")
 
 
 def instructions_per_step(argv, which: str, steps: int) -> float:
     """Instructions one training step of `which` ("dwfast" on the stand-in GPU, "eager" at 2
-    rows in fp32) executes, counted by callgrind in a child process run with `argv`."""
+    rows in fp32, "engine" the engine's share of either, engine_us) executes, counted by callgrind in a child process run with `argv`."""
     if shutil.which("valgrind") is None:
         raise SystemExit("--instructions needs valgrind (Debian/Ubuntu: apt install valgrind)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,7 +255,7 @@ def main(argv=None):
                    help="with --instructions: also count, at --batch in fp32 and run for real on the CPU, eager's and "
                         "dwfast's training steps and eval forwards there (dwfast's pure-PyTorch reference path, what "
                         "`auto` runs on the CPU: fusing must cost it nothing)")
-    p.add_argument("--count-in-child", choices=["dwfast", "eager", *REFERENCE_COUNTS], help=argparse.SUPPRESS)
+    p.add_argument("--count-in-child", choices=["dwfast", "eager", "engine", *REFERENCE_COUNTS], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     spec = (args.depth, args.width, args.batch, args.in_features, args.out_features, not args.no_batchnorm,
@@ -248,7 +269,8 @@ def main(argv=None):
         _counted_steps(model, x.float(), grad.float() if mode == "train" else None, args.steps, standin=False)
         return
     if args.count_in_child:
-        model, x, grad = (fused, x, grad) if args.count_in_child == "dwfast" else host_eager
+        model, x, grad = {"dwfast": (fused, x, grad), "eager": host_eager, "engine": (fused, None, None)}[
+            args.count_in_child]
         _counted_steps(model, x, grad, args.steps, standin=args.count_in_child == "dwfast")
         return
     blocks = args.depth + 1
@@ -272,9 +294,11 @@ def main(argv=None):
           f"{(dw_us - engine) / max(dw.total, 1):.1f} us per launch")
     if args.instructions:
         child = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--instructions"]
-        counts = {which: instructions_per_step(child, which, args.steps) for which in ("dwfast", "eager")}
+        counts = {which: instructions_per_step(child, which, args.steps) for which in ("dwfast", "eager", "engine")}
+        own = counts["dwfast"] - counts["engine"]
         print(f"instructions per step (callgrind): dwfast {counts['dwfast'] / 1e6:.2f} M, "
-              f"eager {counts['eager'] / 1e6:.2f} M")
+              f"eager {counts['eager'] / 1e6:.2f} M; of either, the engine's share {counts['engine'] / 1e6:.2f} M; "
+              f"dwfast less that share {own / 1e6:.2f} M, {own / max(dw.total, 1) / 1e3:.0f} K per launch")
         if args.reference:
             counts = {which: instructions_per_step(child, which, args.steps) for which in REFERENCE_COUNTS}
             for mode in ("train", "infer"):

@@ -236,6 +236,7 @@ def _run_backward(plans, fresh, specs, g_y, x, weights, zs, vecs, gammas, betas,
         sites = [_site(s, v, seed) for s, v, seed in zip(specs, vecs, seeds)]
     dws, dbs, dgammas, dbetas = [None] * L, [None] * L, [None] * L, [None] * L
     scratch = tickets = None
+    work = K.launch.workspace(x.device)  # what one launch passes the next (block i's: parity i % 2)
 
     def buffers(plan):
         nonlocal scratch, tickets
@@ -255,7 +256,8 @@ def _run_backward(plans, fresh, specs, g_y, x, weights, zs, vecs, gammas, betas,
             plans.append(K.ActBwd(g_y, zs[-1], sites[-1], norms[-1]))
         plan = plans[0]
         buffers(plan)
-        g_y, dgamma, dbeta, uv = plan(g_y, zs[-1], vecs[-1], seeds[-1], gammas[-1], betas[-1], scratch, tickets)
+        g_y, dgamma, dbeta, uv = plan(g_y, zs[-1], vecs[-1], seeds[-1], gammas[-1], betas[-1], scratch, tickets,
+                                      None, work, L & 1)
         bn_grads(L - 1, dgamma, dbeta, uv, plan.partials(scratch))
     first = len(plans) if fresh else len(plans) - L  # where the blocks' plans start (after ActBwd's)
     later = None  # a block's dW that its launch left to the next one (kernels.LinearBwd)
@@ -278,10 +280,10 @@ def _run_backward(plans, fresh, specs, g_y, x, weights, zs, vecs, gammas, betas,
         buffers(plan)
         kind = plan.copy_kind
         src = x if kind == "x" else weights[i - 1] if kind == "w" else None
-        copy = (src, K.new_split(src)) if kind else (None, None)
+        copy = (src, K.new_split(src, work, i & 1)) if kind else (None, None)
         g_y, dws[i], dbs[i], dgamma, dbeta, uv_in, later = plan(g_y, z, weight, vecs[i], uv, h, in_vec, in_seed,
                                                                 in_gamma, in_beta, seeds[i], later, scratch, tickets,
-                                                                None, copy)
+                                                                None, copy, work, i & 1)
         given, split = kind, copy[1]
         if fresh:
             later_plan = K.DeferredDW(*later, h, site_in, plan.split_gz) if later is not None else None

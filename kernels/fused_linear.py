@@ -1076,6 +1076,13 @@ def _rows(like: torch.Tensor, M: int, N: int, ld: int, size: int) -> torch.Tenso
     return like.new_empty(size).as_strided((M, N), (ld, 1))
 
 
+def _passed(work, kind: str, parity: int, like: torch.Tensor, M: int, N: int, ld: int, size: int) -> torch.Tensor:
+    """_rows' tensor, for one that a launch writes and the next one reads: from `work` (a
+    launch.Workspace, which keeps small ones) where given, else new."""
+    view = work.view(kind, parity, like.dtype, M, N, ld, size) if work is not None else None
+    return view if view is not None else _rows(like, M, N, ld, size)
+
+
 def _activation(M: int, N: int, like: torch.Tensor, next_weight: Optional[torch.Tensor]) -> Tuple[int, int]:
     """(copies, size) of a new z [M, N]: how many copies of `next_weight` it carries (_copies),
     and its buffer's elements (M rows padded to 16 elements, then the copies)."""
@@ -1272,11 +1279,11 @@ def next_split(x: torch.Tensor, weight: torch.Tensor, chained: bool, input_grad:
     return "w" if input_grad and _weight_copies(x, weight) < 2 else None
 
 
-def new_split(t: torch.Tensor) -> torch.Tensor:
+def new_split(t: torch.Tensor, work=None, parity: int = 0) -> torch.Tensor:
     """An uninitialised buffer for t's TF32 split [R, C] (rows padded to 16 elements, the low
-    part R rows behind), as a view of its high part."""
+    part R rows behind), as a view of its high part; from `work` as _passed's."""
     R, C = t.shape
-    return _rows(t, R, C, _pad(C), 2 * R * _pad(C))
+    return _passed(work, "split", parity, t, R, C, _pad(C), 2 * R * _pad(C))
 
 
 class DeferredDW(NamedTuple):
@@ -1355,7 +1362,7 @@ class LinearBwd:
         # main loop then overlaps
         in_bn = norm_in.mode if input_grad else NO_BN
         self.B, self.N, self.K = B, N, K
-        self.input_grad, self.has_bias = input_grad, has_bias
+        self.input_grad, self.has_bias, self.chained = input_grad, has_bias, chained
         self.ld_in = K if site_in.identity else _pad(K)
         self.dgamma = in_bn != NO_BN and norm_in.gamma is not None
         self.dbeta = in_bn != NO_BN and norm_in.beta is not None
@@ -1397,16 +1404,19 @@ class LinearBwd:
             num_warps, num_stages)
 
     def __call__(self, g_y, z, weight, vec, uv, x, in_vec, in_seed, in_gamma, in_beta, seed, later, scratch,
-                 tickets, uv_in=None, copy=(None, None)):
+                 tickets, uv_in=None, copy=(None, None), work=None, parity=0):
         B, N, K = self.B, self.N, self.K
-        g_in = _rows(g_y, B, K, self.ld_in, B * self.ld_in) if self.input_grad else None
+        if self.input_grad:  # (the chain's input gradient is the caller's: new)
+            g_in = _passed(work if self.chained else None, "g", parity, g_y, B, K, self.ld_in, B * self.ld_in)
+        else:
+            g_in = None
         dgamma = torch.empty_like(in_gamma) if self.dgamma else None
         dbeta = torch.empty_like(in_beta) if self.dbeta else None
         if uv_in is None and self.uv_in:
-            uv_in = in_vec.new_empty(2, K)
+            uv_in = _passed(work, "uv", parity, in_vec, 2, K, K, 2 * K)
         dw = weight.new_empty(self.dw_shape)  # contiguous, as the kernel writes it
         db = weight.new_empty(N) if self.has_bias else None
-        g_z = _rows(g_y, B, N, _pad(N), self.g_z) if self.g_z else None
+        g_z = _passed(work, "g_z", parity, g_y, B, N, _pad(N), self.g_z) if self.g_z else None
         nx_gz, nx_dw, nx_db = later if self.nx else (None, None, None)
         self.launch((g_y, z, vec, uv, weight, x, in_vec, in_seed, *self.scalars_in, dgamma, dbeta, uv_in,
                      g_in if g_in is not None else g_y,  # (g_y: a stand-in, never written without dX programs)
@@ -1501,15 +1511,15 @@ class ActBwd:
         self.launch = launch.Launch(_act_bwd_kernel, grid, (bn, self.dgamma, self.dbeta, int(site.act),
                                                             site.drop_p > 0, block_m, block_n), 4, 1)
 
-    def __call__(self, grad, z, vec, seed, gamma, beta, scratch, tickets, uv=None):
+    def __call__(self, grad, z, vec, seed, gamma, beta, scratch, tickets, uv=None, work=None, parity=0):
         M, N, ld = self.M, self.N, self.ld
-        g_y = _rows(grad, M, N, ld, M * ld)  # padded rows, written whole
+        g_y = _passed(work, "g", parity, grad, M, N, ld, M * ld)  # padded rows, written whole
         dgamma = torch.empty_like(gamma) if self.dgamma else None
         dbeta = torch.empty_like(beta) if self.dbeta else None
         if self.bn == NO_BN:
             uv = None
         elif uv is None:
-            uv = vec.new_empty(2, N)
+            uv = _passed(work, "uv", parity, vec, 2, N, N, 2 * N)
         self.launch((grad, *self.grad_strides, z, self.z_stride, vec, seed, *self.scalars, dgamma, dbeta, uv,
                      g_y, ld, ld, scratch if self.scratch else None, tickets, M, N))
         return g_y, dgamma, dbeta, uv

@@ -17,6 +17,7 @@ Under Triton's interpreter, or with a launch hook installed (a profiler), every 
 through Triton.
 """
 import os
+import threading
 
 import torch
 import triton
@@ -115,12 +116,16 @@ def run(kernel, grid, args, consts, num_warps: int, num_stages: int):
 _buffers = {}
 
 
+def _stream(device: torch.device):
+    return triton.runtime.driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
+
+
 def _buffer(kind: str, device: torch.device, count: int, make) -> torch.Tensor:
-    stream = triton.runtime.driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
-    buf = _buffers.get((kind, device, stream))
+    key = (kind, device, _stream(device))
+    buf = _buffers.get(key)
     if buf is None or buf.numel() < count:
         buf = make(max(count, 1024))
-        _buffers[(kind, device, stream)] = buf
+        _buffers[key] = buf
     return buf
 
 
@@ -134,3 +139,50 @@ def scratch(device: torch.device, count: int) -> torch.Tensor:
     """An fp32 buffer of at least `count` elements for a launch's own partial results (written
     and read within the launch, or read by the host right after it)."""
     return _buffer("scratch", device, count, lambda n: torch.empty(n, device=device, dtype=torch.float32))
+
+
+class Workspace:
+    """Buffers for what one launch of a chain's backward writes and the next one reads (the
+    previous block's g_y and u, v; a deferred dW's g_z), kept with their views, so that a step
+    allocates none of them: an allocation costs about as much host time as a launch.
+
+    Two buffers per kind and dtype, by parity: the launch of block i writes those of parity i % 2
+    and reads block i + 1's, of the other, which nothing writes before the launch after it has
+    read them (launches on one stream run in order). One workspace per (device, stream, thread)
+    (`workspace`), as for scratch; a backward on the CPU (the interpreter) runs on its caller's
+    thread, so two threads never share one. Only up to TRANSIENT_BYTES per buffer: wide layers'
+    would hold GPU memory for a host time their GEMMs hide, so `view` returns None for them and
+    the caller allocates."""
+    TRANSIENT_BYTES = 1 << 22
+    MAX_VIEWS = 64  # distinct shapes kept (past that, all are made again)
+    __slots__ = ("device", "buffers", "views")
+
+    def __init__(self, device: torch.device):
+        self.device, self.buffers, self.views = device, {}, {}
+
+    def view(self, kind: str, parity: int, dtype: torch.dtype, M: int, N: int, ld: int, size: int):
+        """An uninitialised [M, N] view, rows `ld` apart, at the start of buffer (kind, parity,
+        dtype) of at least `size` elements; None past TRANSIENT_BYTES."""
+        key = (kind, parity, dtype, M, N, ld, size)
+        view = self.views.get(key)
+        if view is not None:
+            return view
+        if size * dtype.itemsize > self.TRANSIENT_BYTES:
+            return None
+        buf = self.buffers.get(key[:3])
+        if buf is None or buf.numel() < size:
+            buf = self.buffers[key[:3]] = torch.empty(size, dtype=dtype, device=self.device)
+            self.views.clear()  # (views of the one replaced would keep it alive)
+        if len(self.views) >= self.MAX_VIEWS:
+            self.views.clear()
+        view = self.views[key] = buf.as_strided((M, N), (ld, 1))
+        return view
+
+
+def workspace(device: torch.device) -> Workspace:
+    """The Workspace of `device`'s current stream and this thread."""
+    key = ("workspace", device, _stream(device), threading.get_ident())
+    work = _buffers.get(key)
+    if work is None:
+        work = _buffers[key] = Workspace(device)
+    return work

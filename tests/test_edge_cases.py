@@ -253,3 +253,29 @@ def test_autocast_over_other_low_dtype(kernel_device):
         with pytest.raises(RuntimeError) as got:
             fused(x)
     assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_gradients_outlive_later_steps(kernel_device, precision):
+    """What a backward hands out is the caller's: the input's and the parameters' gradients of
+    one step, kept, are those of eager's step after more steps with other inputs and batch sizes
+    (the backward's launches pass each other their g_y, u, v, g_z and TF32 splits through
+    buffers kept between steps, launch.Workspace), and each step's gradients are eager's."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8),
+                              nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        fused, eager = _pair(model)
+        kept = {}
+        for i, rows in enumerate((10, 10, 7)):
+            x = torch.randn(rows, 6)
+            for m in (fused, eager):
+                m.zero_grad(set_to_none=True)
+                kept.setdefault(i, []).append(_step(m, x)[1:2 + len(list(m.parameters()))])
+        for fused_grads, eager_grads in kept.values():
+            _assert_same(fused_grads, eager_grads)
+        storages = {g.untyped_storage().data_ptr() for fused_grads, _ in kept.values() for g in fused_grads}
+        assert len(storages) == sum(len(f) for f, _ in kept.values())
+    finally:
+        torch.set_float32_matmul_precision(prev)
