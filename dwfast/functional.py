@@ -1,10 +1,10 @@
 """The fused chain as a function: validation and dispatch, the top of dwfast's layers.
 
-:func:`fused_chain` is what the modules call; it takes the modules themselves so every
-BatchNorm attribute that ``_BatchNorm.forward`` reads (``training``,
-``track_running_stats``, ``momentum``, ``eps``, ``running_mean``/``running_var``/
-``num_batches_tracked`` being None, ``weight``/``bias``) is read at every call, exactly as
-eager reads it, then runs the chain through the whole-net op (``dwfast.whole_net``), the
+:func:`run_chain` is what the modules call (:func:`fused_chain`, the public one, checks its
+blocks first); it takes the modules themselves so every BatchNorm attribute that
+``_BatchNorm.forward`` reads (``training``, ``track_running_stats``, ``momentum``, ``eps``,
+``running_mean``/``running_var``/``num_batches_tracked`` being None, ``weight``/``bias``) is
+read at every call, exactly as eager reads it, then runs the chain through the whole-net op (``dwfast.whole_net``), the
 per-layer ops (``dwfast.ops``) or the eager reference (``dwfast.chain.eager_chain``).
 """
 from typing import List, Optional
@@ -15,7 +15,8 @@ from torch import nn
 
 from . import ops, reference, whole_net
 from .backend import get_whole_net, is_reference, resolve_backend
-from .chain import Block, Tensors, autocast_dtype, eager_chain, read, state, uses_batch_stats
+from .chain import (ACTIVATION_TYPES, Block, Tensors, any_hooks, autocast_dtype, eager_chain, read, state,
+                    uses_batch_stats)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the kernels run
 
@@ -63,8 +64,9 @@ def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
                 _check_first(x, w)
         bn = blk.bn
         if bn is not None:
-            if single_row and uses_batch_stats(bn):
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+            if single_row and uses_batch_stats(bn):  # (the size of the BatchNorm's input, as eager's says)
+                raise ValueError("Expected more than 1 value per channel when training, got input size "
+                                 f"{torch.Size([rows, width])}")
             if bn.eps <= 0:
                 _check_eps(bn)
         if blk.act is not None or blk.dropout is not None:
@@ -94,6 +96,21 @@ def _ops_follow(bn: nn.Module, running_mean, running_var, num_batches) -> bool:
     return not (bn.training and bn.track_running_stats) or (running_mean is None) == (num_batches is None)
 
 
+def _holds_inference(x: torch.Tensor, tensors: Tensors) -> bool:
+    """Whether x or a tensor that eager saves for backward or updates in place (weights,
+    BatchNorm weights, running statistics and counters; not biases) is an inference tensor
+    (made under torch.inference_mode). Outside it eager refuses those and raises before any
+    state changes, where the kernels would update running statistics first."""
+    inference = torch.Tensor.is_inference
+    if inference(x) or any(map(inference, tensors.weights)):
+        return True
+    for ts in (tensors.gammas, tensors.running_means, tensors.running_vars, tensors.num_batches):
+        for t in ts:
+            if t is not None and inference(t):
+                return True
+    return False
+
+
 def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
     """Shapes, options and states the kernels handle (`tensors`: the blocks' parameters and
     buffers, chain.read); everything else runs the eager path unchanged.
@@ -102,7 +119,8 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
     fp16 / bf16 / fp32 will do: the Linears are cast to autocast's dtype and BatchNorm's
     tensors are read as they are, in fp32, as eager does. Under a functorch transform
     (``torch.func.grad``, ``vmap``, ``jacrev``, ...) or forward-mode AD the chain runs
-    eagerly: the ops have no batching rules or forward derivatives.
+    eagerly: the ops have no batching rules or forward derivatives; and so do inference tensors
+    outside inference mode (_holds_inference).
     """
     if not (x.is_cuda or x.is_cpu):  # meta (shape inference), XLA, MPS, ...: eager's ops know them
         return False
@@ -131,6 +149,9 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
             if t is not None and (t.dtype not in dtypes or t.device != device or t.numel() != n
                                   or not t.is_contiguous()):
                 return False
+    # (not while torch.compile traces, which reads no inference mode: its graphs run in either)
+    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and _holds_inference(x, tensors):
+        return False
     if low is not None:  # eager's BatchNorm takes autocast's z with all-fp32 or all-z-dtype parameters
         for bn_tensors in zip(*tensors[2:6]):
             kinds = {t.dtype for t in bn_tensors if t is not None}
@@ -139,8 +160,35 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
     return True
 
 
+def _planned(blocks: List[Block]) -> bool:
+    """Whether `blocks` hold what chain.plan() groups into blocks: modules of the exact types it
+    takes (subclasses may change forward), without hooks."""
+    for blk in blocks:
+        linear, bn, act, drop = blk
+        if (type(linear) is not nn.Linear or (bn is not None and type(bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm))
+                or (act is not None and type(act) not in ACTIVATION_TYPES)
+                or (drop is not None and type(drop) is not nn.Dropout)):
+            return False
+    return not any_hooks([m for blk in blocks for m in blk if m is not None])
+
+
 def fused_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
-    """Run ``blocks`` on ``x`` (batch x in_features) fused, with eager PyTorch's exact semantics.
+    """``blocks`` run on ``x`` as their modules run them, fused where they are what
+    chain.plan() groups into blocks (exact ``nn.Linear``, ``nn.BatchNorm1d`` or
+    ``nn.SyncBatchNorm``, one of ``chain.ACTIVATION_TYPES``, ``nn.Dropout``, no hooks):
+    others are called one after another, as ``nn.Sequential`` calls them. See run_chain."""
+    if not _planned(blocks):
+        for blk in blocks:
+            for m in blk:
+                if m is not None:
+                    x = m(x)
+        return x
+    return run_chain(x, blocks)
+
+
+def run_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
+    """Run ``blocks`` (as chain.plan() makes them) on ``x`` (batch x in_features) fused, with
+    eager PyTorch's exact semantics.
 
     Returns the last block's output. Updates BatchNorm running statistics and
     ``num_batches_tracked`` as eager does. Raises ``RuntimeError`` for a wrong input width,

@@ -50,7 +50,7 @@ def fuse(module: nn.Module) -> nn.Module:
     Takes any module tree: Sequentials are found at any depth, inside ``nn.ModuleList``,
     ``nn.ModuleDict`` or any other module. Each ``nn.Sequential`` (or subclass that keeps
     ``nn.Sequential.forward``) holding at least one ``Linear [BatchNorm1d] [activation] [Dropout]`` run becomes
-    fused: its runs go through :func:`dwfast.functional.fused_chain`, everything else runs as
+    fused: its runs go through :func:`dwfast.functional.run_chain`, everything else runs as
     before. Children, Parameters, buffers, hooks and state_dict keys stay the same objects, so an
     optimizer built before ``fuse`` keeps working. ``print(model)`` shows the same tree with the
     converted Sequentials named ``FusedSequential`` (``Fused<Name>`` for subclasses).

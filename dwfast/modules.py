@@ -3,7 +3,7 @@
 Both are ``nn.Sequential`` subclasses holding plain ``nn.Linear``/``nn.BatchNorm1d``/``nn.ReLU``
 children, so ``print(model)``, ``state_dict()`` keys, ``model[i]`` and optimizers behave as they
 do for ``nn.Sequential``; only ``forward`` differs: it runs each maximal run of
-``Linear [BatchNorm1d] [activation] [Dropout]`` blocks through :func:`dwfast.functional.fused_chain`.
+``Linear [BatchNorm1d] [activation] [Dropout]`` blocks through :func:`dwfast.functional.run_chain`.
 """
 from collections import OrderedDict
 from numbers import Integral
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .chain import any_hooks, plan
-from .functional import fused_chain
+from .functional import run_chain
 
 
 class FusedSequential(nn.Sequential):
@@ -22,12 +22,12 @@ class FusedSequential(nn.Sequential):
     Takes the same arguments as ``nn.Sequential``. The grouping of the children into fused runs
     is kept until the children change (replaced, appended, deleted) and made anew on every
     forward while any hook is set, so hooks always fire. Results, gradients and BatchNorm running statistics are
-    those of ``nn.Sequential``; see :func:`dwfast.functional.fused_chain` for the errors raised.
+    those of ``nn.Sequential``; see :func:`dwfast.functional.run_chain` for the errors raised.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         for step in self._plan():
-            input = fused_chain(input, step) if isinstance(step, list) else step(input)
+            input = run_chain(input, step) if isinstance(step, list) else step(input)
         return input
 
     def __prepare_scriptable__(self) -> nn.Sequential:

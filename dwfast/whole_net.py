@@ -254,7 +254,7 @@ _whole_net_apply = library.direct_apply(_WholeNet)
 
 
 def whole_net_chain(x: Tensor, blocks: List[Block], upcast: bool = False) -> Optional[Tensor]:
-    """Run `blocks` on `x` as one kernel (inputs already validated by `fused_chain`), or
+    """Run `blocks` on `x` as one kernel (inputs already validated by `run_chain`), or
     return None when the chain does not qualify (see the module docstring).
 
     `upcast` runs 16-bit inputs through fp32 kernels and casts back (Triton's interpreter

@@ -279,3 +279,74 @@ def test_gradients_outlive_later_steps(kernel_device, precision):
         assert len(storages) == sum(len(f) for f, _ in kept.values())
     finally:
         torch.set_float32_matmul_precision(prev)
+
+
+def test_batch_of_one_message(kernel_device):
+    """A batch of one in training: eager's ValueError names the size of the BatchNorm's input
+    (the block's width), and so does a fused chain's, for a BatchNorm after the first block too."""
+    for model in (nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)),
+                  nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU())):
+        fused, eager = _pair(model)
+        messages = []
+        for m in (fused, eager):
+            with pytest.raises(ValueError) as err:
+                m(torch.randn(1, 6))
+            messages.append(str(err.value))
+        assert messages[0] == messages[1]
+
+
+def test_inference_tensors_outside_inference_mode(kernel_device):
+    """A model made under torch.inference_mode, trained outside it: eager raises before any
+    state changes, and so does a fused one (running statistics untouched); an inference-mode
+    input likewise; in eval under no_grad both compute."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        fused, eager = dwfast.fuse(copy.deepcopy(model)), model
+        x_inference = torch.randn(8, 6)
+    for m in (fused, eager):
+        with pytest.raises(RuntimeError, match="inference tensor"):
+            m(torch.randn(8, 6))
+        assert m[1].num_batches_tracked.item() == 1 and not m[1].running_mean.any()
+    x = torch.randn(8, 6)
+    for m in (fused, eager):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x))
+    fused, eager = _pair(nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)))
+    for m in (fused, eager):
+        with pytest.raises(RuntimeError, match="[Ii]nference tensors cannot be saved"):
+            m(x_inference)
+    _assert_same(list(fused.buffers()), list(eager.buffers()))
+
+
+@pytest.mark.parametrize("other", ["sigmoid", "alpha_dropout", "linear_subclass", "layer_norm", "hooked"])
+def test_fused_chain_runs_other_modules_as_they_are(kernel_device, other):
+    """dwfast.fused_chain takes any blocks: modules chain.plan() would not group (other types,
+    subclasses with their own forward, hooks) are called as nn.Sequential calls them, on every
+    backend."""
+    class Shifted(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    torch.manual_seed(0)
+    linear, bn, act, drop = nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), None
+    calls = []
+    if other == "sigmoid":
+        act = nn.Sigmoid()
+    elif other == "alpha_dropout":
+        drop = nn.AlphaDropout(0.5)
+    elif other == "linear_subclass":
+        linear = Shifted(6, 16)
+    elif other == "layer_norm":
+        bn = nn.LayerNorm(16)
+    else:
+        act.register_forward_hook(lambda *args: calls.append(1))
+    blocks = [dwfast.Block(linear, bn, act, drop), dwfast.Block(nn.Linear(16, 3))]
+    eager = copy.deepcopy(nn.Sequential(*[m for blk in blocks for m in blk if m is not None]))
+    x = torch.randn(8, 6)
+    torch.manual_seed(1)
+    got = dwfast.fused_chain(x, blocks)
+    torch.manual_seed(1)
+    want = eager(x)
+    torch.testing.assert_close(got, want)
+    assert len(calls) == (2 if other == "hooked" else 0)

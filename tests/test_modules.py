@@ -280,13 +280,13 @@ def test_subclasses_run_as_modules(backend):
 
 @pytest.fixture
 def count_chains(monkeypatch):
-    """Records the block kinds of every fused_chain call the modules make."""
+    """Records the block kinds of every run_chain call the modules make."""
     calls = []
 
     def spy(x, blocks):
         calls.append(kinds([blocks])[0])
-        return dwfast.functional.fused_chain(x, blocks)
-    monkeypatch.setattr(dw_modules, "fused_chain", spy)
+        return dwfast.functional.run_chain(x, blocks)
+    monkeypatch.setattr(dw_modules, "run_chain", spy)
     return calls
 
 
@@ -395,7 +395,7 @@ def test_mlp_pickles():
 
 
 def test_block_fields():
-    # fused_chain is called with Block tuples naming the very modules of the model.
+    # run_chain is called with Block tuples naming the very modules of the model.
     model = MLP(5, [4], 2)
     (run,) = dw_chain.plan(list(model))
     assert run == [Block(model[0], model[1], model[2]), Block(model[3], None, None)]
