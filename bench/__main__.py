@@ -1,7 +1,7 @@
 """``python -m bench [sweep|report|study|gpu]``: see ``python -m bench --help``.
 
-Exit status: 0; 1 when an implementation failed in a sweep (or a step of the GPU kit failed);
-2 for bad arguments; 130 when stopped with Ctrl-C (a sweep's record keeps what it measured).
+Exit status: 0; 1 when an implementation failed in a sweep (or a step of the GPU kit failed),
+or a report found no records; 2 for bad arguments; 130 when stopped with Ctrl-C (a sweep's record keeps what it measured).
 """
 import argparse
 import sys
@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import comma_list
+from . import at_least, comma_list
 from . import device as dev
 from . import gpu, models, plots, records, report, study, sweep
 
@@ -42,9 +42,10 @@ def parser() -> argparse.ArgumentParser:
                         description="Time every implementation on budgets x depths x batches x dtypes x "
                                     "modes; print a table, write a JSON record and PNG plots. "
                                     "Unset options take the device's defaults.")
-    sw.add_argument("--budgets", type=comma_list(float), help="parameter budgets, comma-separated (e.g. 1e5,1e6)")
-    sw.add_argument("--depths", type=comma_list(int), help="hidden-layer counts, comma-separated")
-    sw.add_argument("--batches", type=comma_list(int), help="batch sizes, comma-separated")
+    sw.add_argument("--budgets", type=comma_list(float, minimum=1), help="parameter budgets, comma-separated (e.g. 1e5,1e6)")
+    sw.add_argument("--depths", type=comma_list(int, minimum=0), help="hidden-layer counts, comma-separated")
+    sw.add_argument("--batches", type=comma_list(int, minimum=2), help="batch sizes, comma-separated (at least 2: "
+                    "BatchNorm's batch statistics)")
     sw.add_argument("--dtypes", type=comma_list(str, list(models.DTYPES)),
                     help="fp32,bf16,fp16 (see bench.models.precision)")
     sw.add_argument("--modes", type=comma_list(str, models.MODES), help="train (fwd+bwd+SGD step) and/or infer")
@@ -52,13 +53,13 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--compile", action="store_true",
                     help="on the CPU, add torch.compile to the default implementations (about 2 min more "
                          "on 2 cores); on CUDA it is always in")
-    sw.add_argument("--features", type=int, help="input width (default 128)")
-    sw.add_argument("--warmup-ms", type=float, help="warm-up time per measurement (ms)")
-    sw.add_argument("--rep-ms", type=float, help="timed repetitions per measurement (ms)")
+    sw.add_argument("--features", type=at_least(1), help="input width (default 128)")
+    sw.add_argument("--warmup-ms", type=at_least(0, float), help="warm-up time per measurement (ms)")
+    sw.add_argument("--rep-ms", type=at_least(1e-3, float), help="timed repetitions per measurement (ms)")
     sw.add_argument("--time-limit", type=float, help="seconds: configurations that would end past it are "
                                                      "skipped and recorded as such")
-    sw.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
-    sw.add_argument("--threads", type=int, default=1, help=dev.THREADS_HELP)
+    sw.add_argument("--device", type=dev.device_arg, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    sw.add_argument("--threads", type=at_least(1), default=1, help=dev.THREADS_HELP)
     sw.add_argument("--out", type=Path, help="folder for the JSON and PNGs (default bench/results/ on "
                                              "CUDA, bench/results/cpu/ on the CPU)")
     sw.add_argument("--no-plots", action="store_true", help="the JSON record only")
@@ -85,8 +86,8 @@ def parser() -> argparse.ArgumentParser:
                     help="size of the synthetic data set, 80%% train (default 5000)")
     st.add_argument("--linear-depth", type=int, default=defaults.linear_depth,
                     help="layers of the deep linear net in the collapse check (default 8)")
-    st.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    st.add_argument("--threads", type=int, default=1, help=dev.THREADS_HELP)
+    st.add_argument("--device", type=dev.device_arg, help="cuda or cpu (default: cuda if available)")
+    st.add_argument("--threads", type=at_least(1), default=1, help=dev.THREADS_HELP)
     st.add_argument("--out", type=Path, help="folder for the JSON and PNG (default as for sweep)")
 
     kit = sub.add_parser("gpu", help="the GPU kit: tests, compute-sanitizer, tuning, the key sweep, ncu",
@@ -143,8 +144,18 @@ def run_study(args, console: Console) -> int:
 
 
 def run_report(args, console: Console) -> int:
-    """Write the report from the records the flags name (or the defaults); returns 0."""
+    """Write the report from the records the flags name (or the defaults); returns 0, 1 where
+    there are none (nothing written), 2 for a path that does not exist."""
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        console.print(f"[bold red]no such file or folder:[/] {', '.join(map(str, missing))}", highlight=False)
+        return 2
     docs, output = report.sources(args.paths or None, args.output)
+    if not docs:  # (a report of nothing would replace the last one)
+        where = ", ".join(map(str, args.paths)) if args.paths else str(records.RESULTS)
+        console.print(f"[bold red]no records in {escape(where)}[/]: run `python -m bench` (and `python -m bench "
+                      "study`) first; nothing written", highlight=False)
+        return 1
     path = report.write(docs, output, figures=not args.no_figures)
     _say_path(console, f"report of {len(docs)} record(s)", path)
     return 0

@@ -5,6 +5,7 @@ bandwidth in TB/s. fp32 matmuls use TF32 tensor cores only when
 ``torch.get_float32_matmul_precision()`` is not ``"highest"``; otherwise the CUDA-core fp32
 peak applies. Unknown devices (and every CPU) get ``None``: no peak fraction is reported.
 """
+import argparse
 import datetime
 import platform
 import subprocess
@@ -26,6 +27,21 @@ PEAKS = [
 ]
 THREADS_HELP = ("CPU threads for torch (default 1: with more, a busy machine's other processes make "
                 "OpenMP timings swing 100x)")
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a CPU or CUDA device name this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA GPU that torch can use")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
 
 
 def pick_device(name: Optional[str] = None) -> torch.device:

@@ -379,9 +379,10 @@ def print_table(doc: dict, console: Optional[Console] = None) -> None:
                 tables[key].add_column(name, justify="left" if name == "impl" else "right", no_wrap=True)
         by_impl = {r["impl"]: r for r in group}
         width = next((r["width"] for r in group if r.get("width")), None)
+        params = next((r["n_params"] for r in group if r.get("n_params")), budget)  # (the budget, where unbuilt)
         for n, impl in enumerate(impls):
             rec = by_impl.get(impl)
-            first = [si(budget), str(depth), fmt(width, "d")] if n == 0 else ["", "", ""]
+            first = [si(params), str(depth), fmt(width, "d")] if n == 0 else ["", "", ""]
             ratios = [cell(rec, ratio_text(speedup(by_impl, f, impl))) if impl not in models.FUSED
                       else "" for f in fused]
             tables[key].add_row(*first, impl, cell(rec, si(rec and rec["samples_per_s"])),

@@ -99,6 +99,31 @@ def test_help(argv, capsys):
     assert exit.value.code == 0 and "usage: python -m bench" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["sweep", "--batches", "0"], "--batches"), (["sweep", "--depths", "-1"], "--depths"),
+    (["sweep", "--budgets", "0"], "--budgets"), (["sweep", "--threads", "0"], "--threads"),
+    (["sweep", "--rep-ms", "-5"], "--rep-ms"), (["sweep", "--device", "tpu"], "not a device"),
+    (["study", "--device", "cuda:99"], "--device"),
+])
+def test_bad_arguments(argv, says, capsys):
+    """Bad values are argparse's errors (exit status 2, the flag named), not tracebacks later."""
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_report_without_records(tmp_path, capsys):
+    """`python -m bench report` of a path that does not exist, or of a folder without records:
+    an error, and the last report stays as it was."""
+    output = tmp_path / "REPORT.md"
+    output.write_text("the last report")
+    assert cli.main(["report", str(tmp_path / "missing"), "--output", str(output)]) == 2
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "bad.json").write_text("{not json")
+    assert cli.main(["report", str(tmp_path / "empty"), "--output", str(output)]) == 1
+    assert output.read_text() == "the last report" and "no records" in capsys.readouterr().out
+
+
 def test_study_flags(tmp_path):
     """`python -m bench study` with every documented flag."""
     assert cli.main(["study", "--device", "cpu", "--tasks", "teacher", "--depths", "1", "--budget", "2e4",
