@@ -40,10 +40,12 @@ def act_spec(act: Optional[nn.Module]) -> Tuple[str, float]:
         return "leaky_relu", float(act.negative_slope)
     if kind is nn.GELU:
         return ("gelu" if act.approximate == "none" else "gelu_tanh"), 0.0
-    names = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
-    if kind not in names:
+    if kind not in _NAMES:
         raise TypeError(f"dwfast fuses {[t.__name__ for t in ACTIVATION_TYPES]}, not {kind.__name__}")
-    return names[kind], 0.0
+    return _NAMES[kind], 0.0
+
+
+_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
 
 
 def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 LIB = torch.library.Library("dwfast", "FRAGMENT")
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def direct(tensors) -> bool:
@@ -36,7 +36,7 @@ def direct(tensors) -> bool:
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled()):
         return False
-    return all(type(t) in _PLAIN for t in tensors)
+    return _PLAIN.issuperset(map(type, tensors))
 
 
 def direct_apply(function):
