@@ -111,8 +111,10 @@ def run(kernel, grid, args, consts, num_warps: int, num_stages: int):
     _direct(compiled, grid, args, consts)
 
 
-# Per (device, stream) buffers that live as long as the process: launches on one stream run one
-# after another, so each can use them whole (and so can every replay of a captured CUDA graph).
+# Per (device, stream, thread) buffers that live as long as the process: launches on one stream
+# run one after another, so each can use them whole (and so can every replay of a captured CUDA
+# graph); per thread too, as a launch's partials may be read by the ops after it (synchronised
+# BatchNorm) and another thread's launch on the stream must not come between.
 _buffers = {}
 
 
@@ -121,7 +123,7 @@ def _stream(device: torch.device):
 
 
 def _buffer(kind: str, device: torch.device, count: int, make) -> torch.Tensor:
-    key = (kind, device, _stream(device))
+    key = (kind, device, _stream(device), threading.get_ident())
     buf = _buffers.get(key)
     if buf is None or buf.numel() < count:
         buf = make(max(count, 1024))
@@ -149,7 +151,7 @@ class Workspace:
     Two buffers per kind and dtype, by parity: the launch of block i writes those of parity i % 2
     and reads block i + 1's, of the other, which nothing writes before the launch after it has
     read them (launches on one stream run in order). One workspace per (device, stream, thread)
-    (`workspace`), as for scratch; a backward on the CPU (the interpreter) runs on its caller's
+    (`workspace`), as for scratch: a backward on the CPU (the interpreter) runs on its caller's
     thread, so two threads never share one. Only up to TRANSIENT_BYTES per buffer: wide layers'
     would hold GPU memory for a host time their GEMMs hide, so `view` returns None for them and
     the caller allocates."""
