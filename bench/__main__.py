@@ -1,7 +1,8 @@
 """``python -m bench [sweep|report|study|gpu]``: see ``python -m bench --help``.
 
 Exit status: 0; 1 when an implementation failed in a sweep (or a step of the GPU kit failed),
-or a report found no records; 2 for bad arguments; 130 when stopped with Ctrl-C (a sweep's record keeps what it measured).
+or a report found no records; 2 for bad arguments; 130 when stopped with Ctrl-C (a sweep's
+record keeps what it measured).
 """
 import argparse
 import sys
@@ -42,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
                         description="Time every implementation on budgets x depths x batches x dtypes x "
                                     "modes; print a table, write a JSON record and PNG plots. "
                                     "Unset options take the device's defaults.")
-    sw.add_argument("--budgets", type=comma_list(float, minimum=1), help="parameter budgets, comma-separated (e.g. 1e5,1e6)")
+    sw.add_argument("--budgets", type=comma_list(float, minimum=1),
+                    help="parameter budgets, comma-separated (e.g. 1e5,1e6)")
     sw.add_argument("--depths", type=comma_list(int, minimum=0), help="hidden-layer counts, comma-separated")
     sw.add_argument("--batches", type=comma_list(int, minimum=2), help="batch sizes, comma-separated (at least 2: "
                     "BatchNorm's batch statistics)")

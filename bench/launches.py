@@ -202,7 +202,8 @@ def _counted_steps(model, x, grad, steps: int, standin: bool) -> None:
 
 def instructions_per_step(argv, which: str, steps: int) -> float:
     """Instructions one training step of `which` ("dwfast" on the stand-in GPU, "eager" at 2
-    rows in fp32, "engine" the engine's share of either, engine_us) executes, counted by callgrind in a child process run with `argv`."""
+    rows in fp32, "engine" the engine's share of either, engine_us) executes, counted by
+    callgrind in a child process run with `argv`."""
     if shutil.which("valgrind") is None:
         raise SystemExit("--instructions needs valgrind (Debian/Ubuntu: apt install valgrind)")
     with tempfile.TemporaryDirectory() as tmp:

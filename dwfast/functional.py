@@ -4,8 +4,9 @@
 blocks first); it takes the modules themselves so every BatchNorm attribute that
 ``_BatchNorm.forward`` reads (``training``, ``track_running_stats``, ``momentum``, ``eps``,
 ``running_mean``/``running_var``/``num_batches_tracked`` being None, ``weight``/``bias``) is
-read at every call, exactly as eager reads it, then runs the chain through the whole-net op (``dwfast.whole_net``), the
-per-layer ops (``dwfast.ops``) or the eager reference (``dwfast.chain.eager_chain``).
+read at every call, exactly as eager reads it, then runs the chain through the whole-net op
+(``dwfast.whole_net``), the per-layer ops (``dwfast.ops``) or the eager reference
+(``dwfast.chain.eager_chain``).
 """
 from typing import List, Optional
 

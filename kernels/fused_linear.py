@@ -1300,13 +1300,14 @@ class DeferredDW(NamedTuple):
 
 class LinearBwd:
     """linear_bwd's plan; called with (g_y, z, weight, vec, uv, x, in_vec, in_seed, in_gamma,
-    in_beta, seed, later, scratch, tickets[, uv_in]): norm's vec and uv, site_in's tensors,
-    norm_in's gamma and beta (their gradients are made like them), the dropout seed of this
-    block's activation (which a deferred dW reads it with) and, when this launch computes the
-    next block's deferred dW, that block's call's `later`. Returns (g_in, dw, db, dgamma, dbeta,
+    in_beta, seed, later, scratch, tickets[, uv_in, copy, work, parity]): norm's vec and uv,
+    site_in's tensors, norm_in's gamma and beta (their gradients are made like them), the
+    dropout seed of this block's activation (which a deferred dW reads it with) and, when this
+    launch computes the next block's deferred dW, that block's call's `later`. Returns (g_in, dw, db, dgamma, dbeta,
     uv_in, later): as linear_bwd's, but for uv_in, norm_in's u, v buffer [2, K] (new unless
     given; None without BatchNorm there), and `later`, the (g_z, dw, db) of this block's
-    deferred dW.
+    deferred dW. With `work` (a launch.Workspace) what only the next launch reads (g_in but the
+    chain's input gradient, uv_in, g_z) comes from its buffers of `parity` (_passed).
 
     In fp32 at "highest" a GEMM whose B operand is not split in memory splits it inside its loop
     (_gemm_core's SPLIT_B): the first block's dW reads the chain's input as stored, and a dX
@@ -1494,9 +1495,10 @@ def act_fwd(z, site: Site):
 
 
 class ActBwd:
-    """act_bwd's plan; called with (grad, z, vec, seed, gamma, beta, scratch, tickets[, uv]), the
-    site's and norm's tensors, it returns (g_y, dgamma, dbeta, uv): uv the block's u, v buffer
-    [2, N] (new unless given; None without BatchNorm)."""
+    """act_bwd's plan; called with (grad, z, vec, seed, gamma, beta, scratch, tickets[, uv, work,
+    parity]), the site's and norm's tensors, it returns (g_y, dgamma, dbeta, uv): uv the block's
+    u, v buffer [2, N] (new unless given; None without BatchNorm); g_y and uv from `work` as
+    LinearBwd's."""
 
     def __init__(self, grad, z, site: Site, norm: Norm):
         M, N = grad.shape
