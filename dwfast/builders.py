@@ -36,8 +36,8 @@ def mlp_by_budget(n_features: int, n_params: int, depth: int, n_outputs: int = 1
     ``P`` increases with ``w``, so the width whose count is closest to ``n_params`` is next to the
     real root of ``P(w) = n_params``; it is found with integer arithmetic (exact for any size) by
     checking the root's neighbours. Ties go to the smaller width. ``depth = 0`` has one possible
-    count, ``P = (f + b) * o``, and returns the single ``nn.Linear`` whenever ``n_params``
-    reaches it.
+    count, ``P = (f + b) * o``, and returns an ``MLP`` of that single ``nn.Linear`` whenever
+    ``n_params`` reaches it.
 
     Args:
         n_features: input width (>= 1).

@@ -117,7 +117,7 @@ def sync_batch_norm(x: Tensor, bn: nn.SyncBatchNorm) -> Tensor:
     count = torch.tensor(float(x.shape[0]), device=x.device)
     x32 = x.float()
     # sums about rank 0's first row (the same shift on every rank): no E[x^2] - E[x]^2 cancellation
-    shift = x32[0].detach().clone()
+    shift = x32[0].detach().clone() if x.shape[0] else x32.new_zeros(x.shape[1])  # (a rank may have no rows)
     dist.broadcast(shift, group_src=0, group=group)
     sums = torch.cat([count.view(1), (x32 - shift).sum(0), (x32 - shift).square().sum(0)])
     sums = _AllReduceSum.apply(sums, group)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, reference, whole_net
+from . import distributed, ops, reference, whole_net
 from .backend import get_whole_net, is_reference, resolve_backend
 from .chain import (ACTIVATION_TYPES, Block, Tensors, any_hooks, autocast_dtype, eager_chain, read, state,
                     uses_batch_stats)
@@ -65,7 +65,8 @@ def _validate(x: torch.Tensor, blocks: List[Block]) -> None:
                 _check_first(x, w)
         bn = blk.bn
         if bn is not None:
-            if single_row and uses_batch_stats(bn):  # (the size of the BatchNorm's input, as eager's says)
+            # (the size of the BatchNorm's input, as eager's says; a synchronised one counts the group's rows)
+            if single_row and uses_batch_stats(bn) and not distributed.needs_sync(bn):
                 raise ValueError("Expected more than 1 value per channel when training, got input size "
                                  f"{torch.Size([rows, width])}")
             if bn.eps <= 0:

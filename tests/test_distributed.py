@@ -157,3 +157,23 @@ def test_no_double_backward_through_synchronised_batchnorm():
     """create_graph=True through synchronised statistics raises, as eager SyncBatchNorm's
     backward (no derivative of its own) fails, rather than differentiate local statistics."""
     spawn(_double_backward_worker)
+
+
+def _uneven_worker(rank, backend, rows):
+    import dwfast
+    dwfast.set_backend(backend)
+    x, _ = _batch(rows=rows)
+    x = (x - 100) / 3
+    mine = slice(sum(rows[:rank]), sum(rows[:rank + 1]))
+    fused, ref = dwfast.fuse(_model(sync_module=True)), _model(sync_module=False)
+    torch.testing.assert_close(fused(x[mine]), ref(x)[mine], rtol=1e-4, atol=1e-5)
+    for (name, got), want in zip(fused.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend, rows", [("torch", (1, 3)), ("interpret", (1, 3)), ("torch", (0, 4))])
+def test_synchronised_uneven_batches(backend, rows):
+    """A rank with one row, or none, in a synchronised training forward: the group's batch
+    has more than one row, so it normalises with the group's statistics as eager
+    SyncBatchNorm does (one row raises only where the group has a single rank)."""
+    spawn(_uneven_worker, backend, rows)
