@@ -55,13 +55,19 @@ def needs_sync(bn: Optional[nn.Module]) -> bool:
             and dist.get_world_size(_group(bn)) > 1)
 
 
-_GROUPS = [None]  # process groups by id, for the custom ops (which take ints); 0: none
+# Process groups by id, for the custom ops (which take ints): 0 none, 1 the default group (looked
+# up when used), then the others as group_id meets them. (Under torch.compile the list grows only
+# after the traced graph's first run, whose ops already read it: 1 needs no entry.)
+_GROUPS = [None, None]
+WORLD_ID = 1
 
 
 def group_id(bn: nn.Module) -> int:
     """An int naming `bn`'s process group (WORLD when it has none), for the custom ops."""
     group = _group(bn)
-    for i, known in enumerate(_GROUPS):
+    if group is dist.group.WORLD:
+        return WORLD_ID
+    for i, known in enumerate(_GROUPS[2:], 2):
         if known is group:
             return i
     _GROUPS.append(group)
@@ -70,7 +76,7 @@ def group_id(bn: nn.Module) -> int:
 
 def group_of(group_id: int):
     """The process group that :func:`group_id` named."""
-    return _GROUPS[group_id]
+    return dist.group.WORLD if group_id == WORLD_ID else _GROUPS[group_id]
 
 
 def merge_stats(count: Tensor, mean: Tensor, var: Tensor, group=None):
