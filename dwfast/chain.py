@@ -156,6 +156,12 @@ def counts_batches(bn: nn.BatchNorm1d) -> bool:
     return bn.training and bn.track_running_stats and state(bn, "num_batches_tracked") is not None
 
 
+def records_graph() -> bool:
+    """Whether eager's ops record autograd graphs now: grad mode on, outside inference mode
+    (where ``torch.enable_grad()`` records nothing either)."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype autocast runs Linears on ``x``'s device in, or None outside autocast."""
     device_type = x.device.type

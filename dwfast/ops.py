@@ -32,7 +32,7 @@ from . import distributed as D
 from . import kernels as K
 from . import library
 from . import reference as R
-from .chain import BATCH, FIXED, NO_BN, Block, Tensors, act_spec, autocast_dtype
+from .chain import BATCH, FIXED, NO_BN, Block, Tensors, act_spec, autocast_dtype, records_graph
 from .kernels import tiles
 
 assert (NO_BN, BATCH, FIXED) == (K.NO_BN, K.BATCH, K.FIXED)
@@ -705,7 +705,7 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
             _keep(key, plans)
         call = _Call(specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds, plans,
                      _saves_output(blocks[-1], specs[-1]))
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
+        if records_graph() and any(t.requires_grad for t in (x, *params)):
             out = _chain_apply(call, library.unwrap_if_dead(x), *params)
         else:
             out = _run_call(call, x)[0]

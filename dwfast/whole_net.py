@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import kernels as K
 from . import library
 from . import reference as R
-from .chain import NO_BN, Block, state, uses_batch_stats
+from .chain import NO_BN, Block, records_graph, state, uses_batch_stats
 from .kernels.fused_mlp import layer_table, mlp_bwd, mlp_fwd, mlp_pack, packed_shapes, views
 
 MIN_WIDTH, MAX_WIDTH = 16, 128
@@ -65,7 +65,7 @@ def qualifies(x: Tensor, blocks: List[Block]) -> Optional[str]:
         return None
     # (a Linear's and a BatchNorm1d's parameters are their weight and bias)
     params = [state(m, name) for b in blocks for m in (b.linear, b.bn) if m is not None for name in ("weight", "bias")]
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+    needs_grad = records_graph() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
     if needs_grad:
         return None if bns else "train"
     return "infer"

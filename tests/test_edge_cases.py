@@ -319,6 +319,22 @@ def test_inference_tensors_outside_inference_mode(kernel_device):
     _assert_same(list(fused.buffers()), list(eager.buffers()))
 
 
+@pytest.mark.parametrize("bn", [True, False], ids=["bn", "whole_net"])
+def test_enable_grad_inside_inference_mode(kernel_device, bn):
+    """torch.enable_grad() inside torch.inference_mode(): eager records no graph there (inference
+    mode outranks grad mode) and runs; so does a fused chain, per-layer and whole-net, with the
+    same output and running statistics."""
+    layers = [nn.Linear(6, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.ReLU(), nn.Linear(16, 3)]
+    fused, eager = _pair(nn.Sequential(*layers))
+    x = torch.randn(8, 6)
+    outs = []
+    for m in (fused, eager):
+        with torch.inference_mode(), torch.enable_grad():
+            outs.append(m(x))
+        assert not outs[-1].requires_grad
+    _assert_same([outs[0], *fused.buffers()], [outs[1], *eager.buffers()])
+
+
 @pytest.mark.parametrize("other", ["sigmoid", "alpha_dropout", "linear_subclass", "layer_norm", "hooked"])
 def test_fused_chain_runs_other_modules_as_they_are(kernel_device, other):
     """dwfast.fused_chain takes any blocks: modules chain.plan() would not group (other types,
