@@ -16,7 +16,9 @@ optimizer aside (they cost every implementation the same). Two counts per step:
   bound).
 Host time: dwfast's step under the stand-in, where a launch costs its Python and Triton work up
 to the driver call (a real launch adds the driver's own few microseconds), as the CPU time of
-the thread (median of steps), which other load on the machine disturbs less than wall time.
+the thread (median of steps), which other load on the machine disturbs less than wall time;
+of it, the launches themselves (each plan's call, timed again with the step's arguments:
+launch_us), the rest being the chain's checks and autograd around them.
 Beside it, eager's step run for real on the CPU at 2 rows in fp32 (the CPU's 16-bit matmuls
 are slow) on one thread: its ops' dispatch and a little arithmetic, about what eager's host
 spends per step on a GPU (less the driver calls). On a GPU a narrow-deep step takes the longer
@@ -131,6 +133,45 @@ def host_us(model, x, grad, steps: int = 20, standin: bool = True) -> float:
             _step(model, x, grad)
             times.append(time.thread_time() - t0)
     return sorted(times[2:])[len(times[2:]) // 2] * 1e6
+
+
+def launch_us(model, x, grad, samples: int = 15, calls: int = 50) -> dict:
+    """Host microseconds of each launch itself in a training step of `model` on the stand-in GPU:
+    the call of its launcher's plan (kernels/fused_linear.py, "plans": the output's allocation,
+    the argument tuple, the compiled kernel's handle), per plan class (LinearFwd, LinearBwd, ...)
+    the median over the step's launches of each launch's median over `samples` of `calls` calls,
+    with the same arguments as in the step (nothing runs on the stand-in; what is allocated is
+    dropped). The rest of a step's host time is the chain's checks and autograd around them."""
+    from dwfast import kernels as K
+    plans = (K.LinearFwd, K.LinearBwd, K.ActFwd, K.ActBwd)
+    seen, originals = [], {cls: cls.__call__ for cls in plans}
+
+    def spy(cls):
+        def call(self, *args, **kwargs):
+            seen.append((cls.__name__, self, args, kwargs))
+            return originals[cls](self, *args, **kwargs)
+        return call
+    per_kind = {}
+    with standin_gpu():
+        _step(model, x, grad)  # (compiles)
+        try:
+            for cls in plans:
+                cls.__call__ = spy(cls)
+            _step(model, x, grad)
+        finally:
+            for cls, original in originals.items():
+                cls.__call__ = original
+        for name, plan, args, kwargs in seen:
+            times = []
+            for _ in range(samples):
+                t0 = time.thread_time()
+                for _ in range(calls):
+                    plan(*args, **kwargs)
+                times.append((time.thread_time() - t0) / calls)
+            per_kind.setdefault(name, []).append(sorted(times)[samples // 2] * 1e6)
+    return {name: sorted(us)[len(us) // 2] for name, us in per_kind.items()} | {
+        "per step": sum(us for all_us in per_kind.values() for us in all_us),
+        "launches": sum(map(len, per_kind.values()))}
 
 
 class _Passthrough(torch.autograd.Function):
@@ -285,6 +326,11 @@ def main(argv=None):
     us = dw_us = host_us(fused, x, grad, args.steps)
     print(f"dwfast host time: {us:.0f} us per step, {us / max(dw.total, 1):.1f} us per launch "
           "(stand-in GPU: Python and Triton work up to the driver call)")
+    calls = launch_us(fused, x, grad)
+    kinds = ", ".join(f"{name} {us:.1f}" for name, us in calls.items() if name not in ("per step", "launches"))
+    n = calls["launches"]
+    print(f"of it, the {n} launches themselves (their plans' calls): {calls['per step']:.0f} us per step, "
+          f"{calls['per step'] / max(n, 1):.1f} us per launch (median per plan: {kinds} us)")
     us = host_us(*host_eager, args.steps, standin=False)
     print(f"eager host time: {us:.0f} us per step (run on the CPU at 2 rows, fp32: dispatch and a little arithmetic)")
     n_params = sum(1 for _ in fused.parameters())

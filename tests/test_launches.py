@@ -84,6 +84,8 @@ def test_command_line():
     assert "dwfast: 6 launches per step, 2.00 per block (6 Triton kernels, 0 PyTorch ops)" in out, out
     assert "eager: " in out and "host time" in out, out
     assert re.search(r"autograd's engine handing 10 parameters their gradients: \d+ us", out), out
+    assert re.search(r"of it, the 6 launches themselves \(their plans' calls\): \d+ us per step, [0-9.]+ us per launch "
+                     r"\(median per plan: LinearFwd [0-9.]+, LinearBwd [0-9.]+ us\)", out), out
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (on every machine this project runs on)")
