@@ -169,17 +169,20 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 
 def has_hooks(m: nn.Module) -> bool:
-    """Whether calling ``m`` would run forward/backward hooks, which a fused run would skip."""
+    """Whether calling ``m`` would run more than its class's forward (any_hooks), which a fused
+    run would skip."""
     return any_hooks((m,))
 
 
 def any_hooks(modules) -> bool:
-    """Whether calling any of `modules` would run forward/backward hooks."""
+    """Whether calling any of `modules` would run forward/backward hooks, or a ``forward`` set
+    on the module itself (accelerate's hooks, users' wrappers) instead of its class's."""
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
             or _module._global_backward_pre_hooks):
         return True
     for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__):
             return True
     return False
 

@@ -113,6 +113,18 @@ def _holds_inference(x: torch.Tensor, tensors: Tensors) -> bool:
     return False
 
 
+def _backward_refused(act: nn.Module, drop: Optional[nn.Module]) -> bool:
+    """Whether eager's backward refuses a block's in-place modules: an in-place Dropout that
+    drops overwrites the result that a ReLU, Tanh or in-place LeakyReLU saved for its backward,
+    and an in-place LeakyReLU with a negative slope has no backward. Such chains run eagerly,
+    so they raise where eager does."""
+    leaky_inplace = type(act) is nn.LeakyReLU and act.inplace
+    if leaky_inplace and act.negative_slope < 0:
+        return True
+    return (drop is not None and drop.inplace and drop.training and drop.p > 0
+            and (leaky_inplace or type(act) in (nn.ReLU, nn.Tanh)))
+
+
 def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
     """Shapes, options and states the kernels handle (`tensors`: the blocks' parameters and
     buffers, chain.read); everything else runs the eager path unchanged.
@@ -136,6 +148,8 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
     for blk, rm, rv, nb in zip(blocks, tensors.running_means, tensors.running_vars, tensors.num_batches):
         bn = blk.bn
         if bn is not None and (type(bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm) or not _ops_follow(bn, rm, rv, nb)):
+            return False
+        if blk.act is not None and _backward_refused(blk.act, blk.dropout):
             return False
     dtypes = _FLOATS if low is not None else (x.dtype,)
     device = x.device
@@ -196,11 +210,11 @@ def run_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     ``num_batches_tracked`` as eager does. Raises ``RuntimeError`` for a wrong input width,
     dtype or device and ``ValueError`` for a batch of one with batch statistics or an eps
     that F.batch_norm refuses, before touching any state. Inputs the kernels don't handle
-    (not 2-D, empty, other dtypes, functorch transforms) run through eager PyTorch. Under
+    (not 2-D, empty, other dtypes, not tensors, functorch transforms) run through eager PyTorch. Under
     ``torch.autocast`` it follows eager's autocast (see :func:`dwfast.ops.chain`); it traces
     under ``torch.compile(fullgraph=True)``, also with ``BatchNorm1d(momentum=None)``.
     """
-    if torch.jit.is_tracing():  # a trace records ATen ops: eager's, as eager would run them
+    if torch.jit.is_tracing() or not isinstance(x, torch.Tensor):  # (a trace records ATen ops: eager's)
         return eager_chain(x, blocks)
     _validate(x, blocks)
     if is_reference(x):

@@ -685,9 +685,18 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
     dtype = low if low is not None else x.dtype
     weights, biases, gammas, betas, run_means, run_vars, counts = tensors
     if low is not None or (upcast and dtype != torch.float32):
-        cast = (lambda t: t if t is None else t.float()) if upcast and dtype != torch.float32 else (lambda t: t)
-        lin_cast = (lambda t: cast(t if t is None else t.to(low))) if low is not None else cast
-        weights, biases, x = [lin_cast(w) for w in weights], [lin_cast(b) for b in biases], lin_cast(x)
+        casts = {}  # one cast per tensor: a BatchNorm (or weight) used by two blocks stays one tensor
+
+        def cast(t, linear=False):
+            if t is None:
+                return t
+            key = (id(t), linear)
+            if key not in casts:
+                c = t.to(low) if linear and low is not None else t
+                casts[key] = c.float() if upcast and dtype != torch.float32 else c
+            return casts[key]
+        weights, biases = [cast(w, True) for w in weights], [cast(b, True) for b in biases]
+        x = cast(x, True)
         gammas, betas, run_means, run_vars = ([cast(t) for t in ts] for ts in (gammas, betas, run_means, run_vars))
     specs = _specs(blocks, tensors, biases)
     seeds = [draw_seed(x.device) if s.drop_p > 0 else None for s in specs]
@@ -713,8 +722,8 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
         out = _through_ops(x, specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds)
     for i, s in enumerate(specs):
         bn = blocks[i].bn
-        if s.tracked and run_means[i] is not tensors.running_means[i]:  # upcast copies: write back
-            bn.running_mean.copy_(run_means[i])
+        if s.tracked and run_means[i] is not tensors.running_means[i]:  # upcast copies: write back (a shared
+            bn.running_mean.copy_(run_means[i])                          # BatchNorm's copy holds every update)
             bn.running_var.copy_(run_vars[i])
     return out.to(dtype)
 

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import _eager_dropout
 from test_whole_net import spy  # noqa: F401 (a fixture)
 from torch import nn
 
@@ -366,3 +367,61 @@ def test_fused_chain_runs_other_modules_as_they_are(kernel_device, other):
     want = eager(x)
     torch.testing.assert_close(got, want)
     assert len(calls) == (2 if other == "hooked" else 0)
+
+
+@pytest.mark.parametrize("case", ["relu_dropout_inplace", "tanh_dropout_inplace", "leaky_negative_inplace_eval",
+                                  "leaky_negative_inplace_last"])
+def test_in_place_modules_eager_backward_refuses(kernel_device, case, monkeypatch):
+    """Chains whose in-place modules eager's backward refuses raise its RuntimeError there too:
+    an in-place Dropout that drops overwrites a ReLU's or Tanh's saved result, and an in-place
+    LeakyReLU with a negative slope has no backward (in training and eval)."""
+    monkeypatch.setattr(nn.Dropout, "forward", _eager_dropout)  # eager's own, in place (conftest's is not)
+    act = {"relu_dropout_inplace": nn.ReLU(), "tanh_dropout_inplace": nn.Tanh()}.get(case, nn.LeakyReLU(-0.5, True))
+    layers = [nn.Linear(6, 16), nn.BatchNorm1d(16), act]
+    if "dropout" in case:
+        layers.append(nn.Dropout(0.5, inplace=True))
+    if not case.endswith("last"):
+        layers.append(nn.Linear(16, 3))
+    fused, eager = _pair(nn.Sequential(*layers).train(not case.endswith("eval")))
+    x = torch.randn(8, 6)
+    for m in (fused, eager):
+        with pytest.raises(RuntimeError, match="inplace|[Ii]n-place"):
+            m(x).sum().backward()
+    _assert_same(list(fused.buffers()), list(eager.buffers()))
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_forward_replaced_on_the_instance(kernel_device, which):
+    """A child whose forward is set on the instance (accelerate's hooks, users' wrappers) runs
+    that forward, set before or after the first call, as eager calls it."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    fused, eager = _pair(model)
+    x = torch.randn(8, 6)
+    fused(x)
+    eager(x)
+    for m in (fused, eager):
+        child = m[which]
+        child.forward = lambda h, forward=child.forward: 2.0 * forward(h)
+    _assert_same(_step(fused, x), _step(eager, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_batchnorm_shared_by_two_blocks(kernel_device, dtype):
+    """One BatchNorm1d used by two blocks updates its running statistics twice, in order, in every
+    dtype (16-bit ones go through fp32 copies in the interpreter: one copy for both blocks)."""
+    bn = nn.BatchNorm1d(16)
+    model = nn.Sequential(nn.Linear(6, 16), bn, nn.ReLU(), nn.Linear(16, 16), bn, nn.ReLU(), nn.Linear(16, 3))
+    fused, eager = _pair(model.to(dtype))
+    x = torch.randn(8, 6, dtype=dtype)
+    with torch.no_grad():
+        fused(x)
+        eager(x)
+    for f, e in zip(fused.buffers(), eager.buffers()):
+        torch.testing.assert_close(f, e, rtol=2e-3, atol=2e-3)
+
+
+def test_input_not_a_tensor(backend):
+    """A list (or any non-tensor) as input raises eager's TypeError."""
+    fused = dwfast.fuse(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU()))
+    with pytest.raises(TypeError):
+        fused([[1.0, 2.0, 3.0]] * 4)
