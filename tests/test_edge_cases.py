@@ -1,8 +1,9 @@
 """Models users build that the kernels must not get wrong: per-feature tensors that are strided
 or of the wrong size, a Linear without input features, an output changed in place, NaN and
-infinity through the chain; and what users' code does around a model: saved-tensor hooks,
-TorchScript, swapped module classes, bad module arguments, in-place changes between forward
-and backward, meta tensors. Each runs fused (the kernels through the interpreter, per-layer and
+infinity through the chain, in-place modules eager's backward refuses, a BatchNorm shared by two
+blocks; and what users' code does around a model: saved-tensor hooks, TorchScript, swapped
+module classes, forwards set on instances, bad module arguments, in-place changes between
+forward and backward, meta tensors, inference mode, inputs that are not tensors. Each runs fused (the kernels through the interpreter, per-layer and
 whole-net paths) and eager on copies of one model, and compares everything eager produces.
 """
 import copy
