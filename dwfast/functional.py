@@ -113,7 +113,7 @@ def _holds_inference(x: torch.Tensor, tensors: Tensors) -> bool:
     return False
 
 
-def _backward_refused(act: nn.Module, drop: Optional[nn.Module]) -> bool:
+def _backward_refused(act: Optional[nn.Module], drop: Optional[nn.Module]) -> bool:
     """Whether eager's backward refuses a block's in-place modules: an in-place Dropout that
     drops overwrites the result that a ReLU, Tanh or in-place LeakyReLU saved for its backward,
     and an in-place LeakyReLU with a negative slope has no backward. Such chains run eagerly,
@@ -149,7 +149,8 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
         bn = blk.bn
         if bn is not None and (type(bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm) or not _ops_follow(bn, rm, rv, nb)):
             return False
-        if blk.act is not None and _backward_refused(blk.act, blk.dropout):
+        act, drop = blk.act, blk.dropout
+        if (drop is not None or type(act) is nn.LeakyReLU) and _backward_refused(act, drop):
             return False
     dtypes = _FLOATS if low is not None else (x.dtype,)
     device = x.device
