@@ -158,8 +158,9 @@ def counts_batches(bn: nn.BatchNorm1d) -> bool:
 
 def records_graph() -> bool:
     """Whether eager's ops record autograd graphs now: grad mode on, outside inference mode
-    (where ``torch.enable_grad()`` records nothing either)."""
-    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    (where ``torch.enable_grad()`` records nothing either). While torch.compile traces, grad
+    mode alone: dynamo cannot read inference mode (its graphs run in either)."""
+    return torch.is_grad_enabled() and (torch.compiler.is_compiling() or not torch.is_inference_mode_enabled())
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:

@@ -37,10 +37,10 @@ def _state(model):
     return {**{f"{n}.grad": p.grad for n, p in model.named_parameters()}, **dict(model.named_buffers())}
 
 
-def _check_compiled(compiler, device, width=10, momentum=0.1, **tol):
+def _check_compiled(compiler, device, width=10, momentum=0.1, bn=True, **tol):
     """Two training steps and an eval step of a compiled fused model against eager."""
     torch._dynamo.reset()
-    eager = small_model(width, momentum=momentum).to(device)
+    eager = small_model(width, bn, momentum).to(device)
     fused = dwfast.fuse(copy.deepcopy(eager))
     compiled = torch.compile(fused, fullgraph=True, backend=compiler)
     for _ in range(2):
@@ -69,6 +69,17 @@ def test_compiled_matches_eager(backend, compiler, momentum):
 def test_compiled_whole_net(backend):
     """Widths the whole-net kernel takes in eval (with BatchNorm folded in)."""
     _check_compiled("aot_eager", "cpu", width=20)
+
+
+def test_compiled_whole_net_training(backend):
+    """The whole-net kernel in training (no BatchNorm) and in eval with grad mode on: the trace
+    asks whether a graph is recorded without reading inference mode, which dynamo can't."""
+    _check_compiled("aot_eager", "cpu", width=20, bn=False)
+    torch._dynamo.reset()
+    eager = small_model(20).eval()
+    fused = dwfast.fuse(copy.deepcopy(eager))
+    x = torch.randn(20, 6)
+    torch.testing.assert_close(torch.compile(fused, fullgraph=True, backend="aot_eager")(x), eager(x))
 
 
 @requires_cuda
