@@ -83,6 +83,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import launch
 from .batchnorm import (VEC_CENTER, VEC_ROWS, VEC_RSTD, VEC_SCALE, VEC_SHIFT, _finalize_grad, _finalize_stats,
@@ -974,8 +975,11 @@ def _accumulators(gemm: str, M: int, N: int, K: int, dtype: torch.dtype) -> int:
 
 def _split_fits(rows: int, weight_rows: int) -> bool:
     """Whether a weight's two TF32 copies take no more memory than the z of `rows` rows that
-    carries them (_copies)."""
-    return 2 * weight_rows <= rows
+    carries them (_copies). For a symbolic batch (torch.export or torch.compile with dynamic
+    shapes trace the allocations): only where that holds at every batch the trace admits, so
+    that it adds no guard (which would narrow an export's batch range); a z without the room
+    has its readers read the weight as it is (_weight_copies), so either answer is correct."""
+    return statically_known_true(2 * weight_rows <= rows)
 
 
 def _warps(area: int) -> int:
