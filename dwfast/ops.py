@@ -722,8 +722,9 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
         out = _through_ops(x, specs, weights, biases, gammas, betas, run_means, run_vars, counts, seeds)
     for i, s in enumerate(specs):
         bn = blocks[i].bn
-        if s.tracked and run_means[i] is not tensors.running_means[i]:  # upcast copies: write back (a shared
-            bn.running_mean.copy_(run_means[i])                          # BatchNorm's copy holds every update)
+        # upcast copies: write back (a BatchNorm shared by blocks has one copy, holding every update)
+        if s.tracked and run_means[i] is not tensors.running_means[i]:
+            bn.running_mean.copy_(run_means[i])
             bn.running_var.copy_(run_vars[i])
     return out.to(dtype)
 
