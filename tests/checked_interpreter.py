@@ -647,35 +647,34 @@ def install(races=True, sanitize=True, view_check=False, raise_on_violation=Fals
             L.pid_tuple = (x, y, z)
             L.pid = (x * L.grid[1] + y) * L.grid[2] + z
 
-    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        c = _current
-        if c is None or c._launch is None:
-            return o_load(self, ptrs, mask, other, cache_policy, is_volatile)
-        w = _width(ptrs)
+    def _checked(c, kind, ptrs, mask):
+        """Check one plain or atomic access: (enabled addresses, flat mask, the mask to go on
+        with (out-of-bounds elements masked off), whether it is an atomic's)."""
         atomic = state["atomic"]
-        on, m, newmask = c._access("atomic" if atomic else "load", ptrs.data,
-                                   None if mask is None else mask.data, w)
+        on, m, newmask = c._access("atomic" if atomic else kind, ptrs.data, None if mask is None else mask.data,
+                                   _width(ptrs))
         if newmask is not None:
             mask = TensorHandle(newmask, mask.dtype if mask is not None else I.tl.int1)
         if atomic:
             c._log_atomic(on, atomic)
-        else:
-            c._log(0, on, w)
+        return on, m, mask, atomic
+
+    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        c = _current
+        if c is None or c._launch is None:
+            return o_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        on, m, mask, atomic = _checked(c, "load", ptrs, mask)
+        if not atomic:
+            c._log(0, on, _width(ptrs))
         return o_load(self, ptrs, mask, other, cache_policy, is_volatile)
 
     def create_masked_store(self, ptrs, value, mask, cache_policy):
         c = _current
         if c is None or c._launch is None:
             return o_store(self, ptrs, value, mask, cache_policy)
+        on, m, mask, atomic = _checked(c, "store", ptrs, mask)
         w = _width(ptrs)
-        atomic = state["atomic"]
-        on, m, newmask = c._access("atomic" if atomic else "store", ptrs.data,
-                                   None if mask is None else mask.data, w)
-        if newmask is not None:
-            mask = TensorHandle(newmask, mask.dtype if mask is not None else I.tl.int1)
-        if atomic:
-            c._log_atomic(on, atomic)
-        elif c.races and on.size:
+        if not atomic and c.races and on.size:
             vals = np.broadcast_to(np.asarray(value.data), np.asarray(ptrs.data).shape)[m]
             vals = np.ascontiguousarray(vals)
             c._log(1, on, w, vals.view(np.uint8).reshape(on.size, -1)[:, :w] if vals.itemsize >= w else
