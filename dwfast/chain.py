@@ -48,17 +48,17 @@ def act_spec(act: Optional[nn.Module]) -> Tuple[str, float]:
 _NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
 
 
-def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
+def eager_chain(x: torch.Tensor, blocks: List[Block], fused_peers: bool = False) -> torch.Tensor:
     """The reference: the same blocks run by eager PyTorch, module by module.
 
     Each module's ``forward`` is called as ``module(x)`` would call it: a block holds only
     modules without hooks (:func:`plan`), and then the rest of ``nn.Module.__call__`` is a
     microsecond or two of bookkeeping per module, which is what fusing must not cost where
-    this path runs (the CPU)."""
+    this path runs (the CPU). `fused_peers`: see dwfast.distributed.batch_norm."""
     for blk in blocks:
         x = blk.linear.forward(x)
         if blk.bn is not None:
-            x = batch_norm(blk.bn, x)
+            x = batch_norm(blk.bn, x, fused_peers)
         if blk.act is not None:
             x = blk.act.forward(x)
         if blk.dropout is not None:
@@ -66,14 +66,14 @@ def eager_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     return x
 
 
-def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, fused_peers: bool = False) -> torch.Tensor:
     """``bn(x)``, except under torch.compile for a cumulative average (``momentum=None``) in
     training: eager's ``1.0 / float(num_batches_tracked)`` is data dependent and breaks
     ``fullgraph=True`` (pytorch#194504), so the factor stays a tensor here. Eager runs keep
     ``bn(x)`` itself, bit for bit. A SyncBatchNorm goes through dwfast.distributed, which
     also runs it on the CPU (eager SyncBatchNorm refuses CPU tensors)."""
     if distributed.synchronised(bn) and (isinstance(bn, nn.SyncBatchNorm) or distributed.needs_sync(bn)):
-        return distributed.batch_norm(x, bn)
+        return distributed.batch_norm(x, bn, fused_peers)
     if bn.momentum is not None or not (torch.compiler.is_compiling() and bn.training and bn.track_running_stats
                                        and bn.num_batches_tracked is not None and type(bn) is nn.BatchNorm1d):
         return bn.forward(x)

@@ -97,6 +97,17 @@ def merge_stats(count: Tensor, mean: Tensor, var: Tensor, group=None):
     return total[0], merged, m2 / total
 
 
+def update_running(running_mean: Tensor, running_var: Tensor, num_batches: Tensor, momentum, count: Tensor,
+                   mean: Tensor, var: Tensor) -> None:
+    """Running statistics from the group's (count, mean, biased var), as eager SyncBatchNorm
+    updates them on every rank: num_batches_tracked bumped, momentum None the cumulative
+    average, the variance unbiased over the group's rows."""
+    num_batches.add_(1)
+    factor = 1.0 / num_batches if momentum is None else momentum
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+
+
 def all_reduce_sum(t: Tensor, group=None) -> Tensor:
     """`t` summed over the group, in place."""
     dist.all_reduce(t, group=group or dist.group.WORLD)
@@ -145,10 +156,44 @@ def sync_batch_norm(x: Tensor, bn: nn.SyncBatchNorm) -> Tensor:
     return y.to(x.dtype)
 
 
-def batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
+class _NoRows(torch.autograd.Function):
+    """A synchronised BatchNorm on a rank without rows (no_rows), differentiable: its backward
+    makes the all-reduce of the fused backward (dwfast.ops._synced_grads: [g_sum, g_xhat,
+    count] [3, N] fp32) with this rank adding zeros, and gives zero gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group, weight, bias):
+        ctx.group = group
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        all_reduce_sum(grad.new_zeros((3, grad.shape[1]), dtype=torch.float32), ctx.group)
+        _, _, weight, bias = ctx.needs_input_grad
+        zeros = grad.new_zeros(grad.shape[1])
+        return torch.zeros_like(grad), None, zeros if weight else None, zeros.clone() if bias else None
+
+
+def no_rows(x: Tensor, bn: nn.Module) -> Tensor:
+    """`bn` on a rank without rows (x [0, N]) whose group's other ranks run the chain fused:
+    the fused forward's all-gather (dwfast.ops._synced_stats; this rank adds nothing), its
+    running statistics updated with the group's, and the backward's all-reduce (_NoRows)."""
+    group = _group(bn)
+    zeros = x.new_zeros(x.shape[1], dtype=torch.float32)
+    count, mean, var = merge_stats(zeros.new_zeros(()), zeros, zeros, group)
+    if bn.track_running_stats and bn.running_mean is not None and bn.num_batches_tracked is not None:
+        with torch.no_grad():
+            update_running(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, count, mean, var)
+    return _NoRows.apply(x, group, bn.weight, bn.bias)
+
+
+def batch_norm(x: Tensor, bn: nn.Module, fused_peers: bool = False) -> Tensor:
     """`bn(x)` for a synchronised BatchNorm: eager SyncBatchNorm where it runs (CUDA),
     else :func:`sync_batch_norm` when it must synchronise, else BatchNorm1d's computation
-    (eager SyncBatchNorm refuses CPU tensors even then)."""
+    (eager SyncBatchNorm refuses CPU tensors even then). With `fused_peers` (x has no rows,
+    the group's other ranks run the chain fused), :func:`no_rows` when it must synchronise."""
+    if fused_peers and needs_sync(bn):
+        return no_rows(x, bn)
     if needs_sync(bn) and not (isinstance(bn, nn.SyncBatchNorm) and x.device.type == "cuda"):
         return sync_batch_norm(x, bn)
     if not isinstance(bn, nn.SyncBatchNorm) or x.device.type == "cuda":

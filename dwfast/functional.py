@@ -139,7 +139,7 @@ def _fusable(x: torch.Tensor, blocks: List[Block], tensors: Tensors) -> bool:
     if not (x.is_cuda or x.is_cpu):  # meta (shape inference), XLA, MPS, ...: eager's ops know them
         return False
     low = autocast_dtype(x)
-    if x.dim() != 2 or x.shape[0] == 0 or x.dtype not in _FLOATS or low not in (None, torch.float16, torch.bfloat16):
+    if x.dim() != 2 or x.dtype not in _FLOATS or low not in (None, torch.float16, torch.bfloat16):
         return False
     # not while torch.compile traces: functorch's interpreter stack then reads as non-empty,
     # and dynamo handles torch.func itself
@@ -223,6 +223,8 @@ def run_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     tensors = read(blocks)
     if not _fusable(x, blocks, tensors):
         return eager_chain(x, blocks)
+    if not x.shape[0]:  # eager's ops (the kernels need rows), with synchronised BatchNorms making the
+        return eager_chain(x, blocks, fused_peers=True)  # collectives the other ranks' fused chains make
     backend = resolve_backend(x.device)
     if autocast_dtype(x) is not None:
         # The whole-net kernels take one dtype; autocast mixes the Linears' and BatchNorm's.

@@ -409,10 +409,7 @@ def _synced_stats(partials, M: int, norm: K.Norm, sync: int) -> None:
     shift = norm.beta.float() if norm.beta is not None else torch.zeros_like(rstd)
     norm.vec[:4] = torch.stack([mean, scale, shift, rstd])
     if norm.num_batches is not None:
-        norm.num_batches.add_(1)
-        factor = 1.0 / norm.num_batches if norm.momentum is None else norm.momentum
-        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-        norm.running_var.lerp_((var * (count / (count - 1))).to(norm.running_var.dtype), factor)
+        D.update_running(norm.running_mean, norm.running_var, norm.num_batches, norm.momentum, count, mean, var)
 
 
 def _synced_grads(partials, M: int, norm: K.Norm, sync: int):

@@ -167,16 +167,25 @@ def _uneven_worker(rank, backend, rows, compiled=False):
     mine = slice(sum(rows[:rank]), sum(rows[:rank + 1]))
     fused, ref = dwfast.fuse(_model(sync_module=True)), _model(sync_module=False)
     run = torch.compile(fused, backend="aot_eager") if compiled else fused
-    torch.testing.assert_close(run(x[mine]), ref(x)[mine], rtol=1e-4, atol=1e-5)
-    for (name, got), want in zip(fused.state_dict().items(), ref.state_dict().values()):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    out, want = run(x[mine]), ref(x)
+    torch.testing.assert_close(out, want[mine], rtol=1e-4, atol=1e-5)
+    for (name, got), want_state in zip(fused.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(got, want_state, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    if not compiled:  # the ranks' gradients sum to the whole batch's
+        out.square().sum().backward()
+        want.square().sum().backward()
+        for (name, p), p_ref in zip(fused.named_parameters(), ref.parameters()):
+            dist.all_reduce(p.grad)
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend, rows", [("torch", (1, 3)), ("interpret", (1, 3)), ("torch", (0, 4))])
+@pytest.mark.parametrize("backend, rows", [("torch", (1, 3)), ("interpret", (1, 3)), ("torch", (0, 4)),
+                                           ("interpret", (0, 4))])
 def test_synchronised_uneven_batches(backend, rows):
-    """A rank with one row, or none, in a synchronised training forward: the group's batch
-    has more than one row, so it normalises with the group's statistics as eager
-    SyncBatchNorm does (one row raises only where the group has a single rank)."""
+    """A rank with one row, or none, in a synchronised training step: the group's batch has
+    more than one row, so it normalises with the group's statistics as eager SyncBatchNorm does
+    (one row raises only where the group has a single rank), and the ranks' gradients sum to
+    the whole batch's. A rank without rows makes the collectives the fused ranks make."""
     spawn(_uneven_worker, backend, rows)
 
 
