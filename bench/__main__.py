@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import at_least, comma_list
+from . import BUDGET_BELOW, at_least, comma_list, folder, new_file
 from . import device as dev
 from . import gpu, models, plots, records, report, study, sweep
 
@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Time every implementation on budgets x depths x batches x dtypes x "
                                     "modes; print a table, write a JSON record and PNG plots. "
                                     "Unset options take the device's defaults.")
-    sw.add_argument("--budgets", type=comma_list(float, minimum=1),
+    sw.add_argument("--budgets", type=comma_list(float, minimum=1, below=BUDGET_BELOW),
                     help="parameter budgets, comma-separated (e.g. 1e5,1e6)")
     sw.add_argument("--depths", type=comma_list(int, minimum=0), help="hidden-layer counts, comma-separated")
     sw.add_argument("--batches", type=comma_list(int, minimum=2), help="batch sizes, comma-separated (at least 2: "
@@ -58,11 +58,11 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--features", type=at_least(1), help="input width (default 128)")
     sw.add_argument("--warmup-ms", type=at_least(0, float), help="warm-up time per measurement (ms)")
     sw.add_argument("--rep-ms", type=at_least(1e-3, float), help="timed repetitions per measurement (ms)")
-    sw.add_argument("--time-limit", type=float, help="seconds: configurations that would end past it are "
+    sw.add_argument("--time-limit", type=at_least(0, float), help="seconds: configurations that would end past it are "
                                                      "skipped and recorded as such")
     sw.add_argument("--device", type=dev.device_arg, help="cuda, cuda:1 or cpu (default: cuda if available)")
     sw.add_argument("--threads", type=at_least(1), default=1, help=dev.THREADS_HELP)
-    sw.add_argument("--out", type=Path, help="folder for the JSON and PNGs (default bench/results/ on "
+    sw.add_argument("--out", type=folder, help="folder for the JSON and PNGs (default bench/results/ on "
                                              "CUDA, bench/results/cpu/ on the CPU)")
     sw.add_argument("--no-plots", action="store_true", help="the JSON record only")
 
@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
                         description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     rp.add_argument("paths", nargs="*", type=Path,
                     help="record files or folders, searched recursively (default: see above)")
-    rp.add_argument("--output", type=Path, help="report path (figures go beside it; default: see above)")
+    rp.add_argument("--output", type=new_file, help="report path (figures go beside it; default: see above)")
     rp.add_argument("--no-figures", action="store_true", help="tables only, no PNGs")
 
     st = sub.add_parser("study", help="accuracy vs training throughput per depth at one parameter count",
@@ -79,18 +79,19 @@ def parser() -> argparse.ArgumentParser:
     defaults = study.StudyConfig()
     st.add_argument("--tasks", type=comma_list(str, ["digits", "teacher"]), default=defaults.tasks,
                     help="digits (needs scikit-learn) and/or teacher (default both)")
-    st.add_argument("--depths", type=comma_list(int), default=defaults.depths,
+    st.add_argument("--depths", type=comma_list(int, minimum=0), default=defaults.depths,
                     help="hidden-layer counts (default 1,2,4,8,16)")
-    st.add_argument("--budget", type=float, default=defaults.budget, help="parameter count (default 2e4)")
-    st.add_argument("--epochs", type=int, default=defaults.epochs, help="Adam epochs (default 20)")
+    st.add_argument("--budget", type=at_least(1, float, below=BUDGET_BELOW), default=defaults.budget,
+                    help="parameter count (default 2e4)")
+    st.add_argument("--epochs", type=at_least(1), default=defaults.epochs, help="Adam epochs (default 20)")
     st.add_argument("--seeds", type=comma_list(int), default=defaults.seeds, help="seeds (default 0,1,2)")
-    st.add_argument("--teacher-samples", type=int, default=defaults.teacher_samples,
+    st.add_argument("--teacher-samples", type=at_least(10), default=defaults.teacher_samples,
                     help="size of the synthetic data set, 80%% train (default 5000)")
-    st.add_argument("--linear-depth", type=int, default=defaults.linear_depth,
+    st.add_argument("--linear-depth", type=at_least(1), default=defaults.linear_depth,
                     help="layers of the deep linear net in the collapse check (default 8)")
     st.add_argument("--device", type=dev.device_arg, help="cuda or cpu (default: cuda if available)")
     st.add_argument("--threads", type=at_least(1), default=1, help=dev.THREADS_HELP)
-    st.add_argument("--out", type=Path, help="folder for the JSON and PNG (default as for sweep)")
+    st.add_argument("--out", type=folder, help="folder for the JSON and PNG (default as for sweep)")
 
     kit = sub.add_parser("gpu", help="the GPU kit: tests, compute-sanitizer, tuning, the key sweep, ncu",
                          description=gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

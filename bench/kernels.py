@@ -53,7 +53,7 @@ from triton.runtime.cache import get_cache_manager
 
 import dwfast
 
-from . import comma_list, models
+from . import BUDGET_BELOW, at_least, comma_list, models, new_file
 from .standin import DEVICES, standin_gpu
 
 # dtype labels: fp32 runs at torch's default matmul precision "highest", tf32 is fp32 at "high"
@@ -450,21 +450,23 @@ def parser() -> argparse.ArgumentParser:
                "  python -m bench.kernels --batches 4096 --widths 64,252,256,811,4096 --dtypes bf16,fp32 "
                "--modes train,whole --kernels linear_,mlp_\n"
                "  python -m bench.kernels --budgets 1e6,1e7 --depths 1,8 --arch 90,80 --json out.json\n\n" + LEGEND)
-    p.add_argument("--widths", type=comma_list(int), default=[],
+    p.add_argument("--widths", type=comma_list(int, minimum=1), default=[],
                    help="hidden widths; each gives MLP(W, [W] * depth, W) (default 256 unless --budgets)")
-    p.add_argument("--depth", type=int, default=2, help="hidden layers for --widths (default 2)")
-    p.add_argument("--budgets", type=comma_list(float), default=[],
+    p.add_argument("--depth", type=at_least(0), default=2, help="hidden layers for --widths (default 2)")
+    p.add_argument("--budgets", type=comma_list(float, minimum=1, below=BUDGET_BELOW), default=[],
                    help="parameter budgets: dwfast.mlp_by_budget(features, budget, depth, outputs) per --depths")
-    p.add_argument("--depths", type=comma_list(int), default=[1, 8], help="depths for --budgets (default 1,8)")
-    p.add_argument("--features", type=int, help="input width (default W for --widths, 128 for --budgets)")
-    p.add_argument("--outputs", type=int, help="output width (default W for --widths, 1 for --budgets)")
-    p.add_argument("--batches", type=comma_list(int), default=[4096], help="batch sizes (default 4096)")
+    p.add_argument("--depths", type=comma_list(int, minimum=0), default=[1, 8],
+                   help="depths for --budgets (default 1,8)")
+    p.add_argument("--features", type=at_least(1), help="input width (default W for --widths, 128 for --budgets)")
+    p.add_argument("--outputs", type=at_least(1), help="output width (default W for --widths, 1 for --budgets)")
+    p.add_argument("--batches", type=comma_list(int, minimum=2), default=[4096], help="batch sizes (default 4096)")
     p.add_argument("--dtypes", type=comma_list(str, DTYPES), default=["bf16"],
                    help="bf16, fp16, fp32 (matmul precision 'highest'), tf32 (fp32 at 'high'); default bf16")
     p.add_argument("--modes", type=comma_list(str, MODES), default=list(MODES), help=MODE_HELP)
     p.add_argument("--arch", type=comma_list(int, DEVICES), default=[90], help="targets: 90 (H100), 80 (A100)")
     p.add_argument("--kernels", type=comma_list(str), help="only kernels whose name contains one of these")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': to stdout, no table)")
+    p.add_argument("--json", type=new_file, metavar="PATH",
+                   help="also write the results as JSON ('-': to stdout, no table)")
     p.add_argument("-v", "--verbose", action="store_true", help="a specialisation line for every row, with sizes")
     return p
 

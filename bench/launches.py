@@ -50,6 +50,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dwfast
+from bench import at_least
 from bench.profile import cpu_kernel, quiet_profiler
 from bench.standin import standin_gpu
 
@@ -282,15 +283,15 @@ def _table(title, step: Step, blocks: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.launches", description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=8, help="hidden Linear-BatchNorm-ReLU blocks (default 8)")
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4096, help="dwfast's batch (eager runs 64 rows: same launches)")
-    p.add_argument("--in-features", type=int, default=128)
-    p.add_argument("--out-features", type=int, default=16)
+    p.add_argument("--depth", type=at_least(0), default=8, help="hidden Linear-BatchNorm-ReLU blocks (default 8)")
+    p.add_argument("--width", type=at_least(1), default=256)
+    p.add_argument("--batch", type=at_least(2), default=4096, help="dwfast's batch (eager runs 64 rows: same launches)")
+    p.add_argument("--in-features", type=at_least(1), default=128)
+    p.add_argument("--out-features", type=at_least(1), default=16)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
     p.add_argument("--no-batchnorm", action="store_true")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=20, help="steps timed for host time (median)")
+    p.add_argument("--dropout", type=at_least(0.0, float, below=1.0), default=0.0)
+    p.add_argument("--steps", type=at_least(1), default=20, help="steps timed for host time (median)")
     p.add_argument("--instructions", action="store_true",
                    help="also count the instructions per step under valgrind's callgrind (repeatable)")
     p.add_argument("--reference", action="store_true",

@@ -32,6 +32,7 @@ from rich.table import Table
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from . import BUDGET_BELOW, at_least, comma_list, folder
 from . import device as dev
 from . import models, records
 
@@ -157,18 +158,20 @@ def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m bench.profile``."""
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, help="parameter count (default 1e6 on CUDA, 1e5 on the CPU)")
-    p.add_argument("--depth", type=int, default=8, help="hidden layers (default 8)")
-    p.add_argument("--batch", type=int, help="batch size (default 4096 on CUDA, 256 on the CPU)")
-    p.add_argument("--features", type=int, default=128, help="input width (default 128)")
+    p.add_argument("--budget", type=at_least(1, float, below=BUDGET_BELOW),
+                   help="parameter count (default 1e6 on CUDA, 1e5 on the CPU)")
+    p.add_argument("--depth", type=at_least(0), default=8, help="hidden layers (default 8)")
+    p.add_argument("--batch", type=at_least(2), help="batch size (default 4096 on CUDA, 256 on the CPU)")
+    p.add_argument("--features", type=at_least(1), default=128, help="input width (default 128)")
     p.add_argument("--dtype", choices=list(models.DTYPES), help="default bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--mode", choices=models.MODES, default="train")
-    p.add_argument("--impls", default=None, help="comma-separated (default eager,compile,dwfast)")
-    p.add_argument("--top", type=int, default=15, help="rows per kernel table")
+    p.add_argument("--impls", type=comma_list(str, models.IMPLS), default=None,
+                   help="comma-separated (default eager,compile,dwfast)")
+    p.add_argument("--top", type=at_least(1), default=15, help="rows per kernel table")
     p.add_argument("--nvtx-only", action="store_true", help="no torch.profiler; NVTX ranges for ncu/nsys")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=1, help=dev.THREADS_HELP)
-    p.add_argument("--out", type=Path, help="folder for the traces (default as for the sweep)")
+    p.add_argument("--device", type=dev.device_arg, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--threads", type=at_least(1), default=1, help=dev.THREADS_HELP)
+    p.add_argument("--out", type=folder, help="folder for the traces (default as for the sweep)")
     p.add_argument("--launches", action="store_true",
                    help="instead: launches per training step (Triton kernels and PyTorch ops) of eager and dwfast, "
                         "and dwfast's host time per step, on the stand-in GPU (any machine; bench/launches.py)")
@@ -184,8 +187,8 @@ def main(argv=None) -> int:
     if not cuda:
         torch.set_num_threads(args.threads)
         inductor_config.cpp.enable_kernel_profile = True  # name Inductor's C++ kernels in the profile
-    budget = args.budget or (1e6 if cuda else 1e5)
-    batch = args.batch or (4096 if cuda else 256)
+    budget = args.budget if args.budget is not None else (1e6 if cuda else 1e5)
+    batch = args.batch if args.batch is not None else (4096 if cuda else 256)
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
     if args.launches:
         from . import launches  # (it imports this module's kernel counting)
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
         launches.main(["--depth", str(args.depth), "--width", str(width), "--batch", str(batch),
                        "--in-features", str(args.features), "--out-features", "1", "--dtype", dtype_name])
         return 0
-    impls = (args.impls or "eager,compile,dwfast").split(",")
+    impls = args.impls or ["eager", "compile", "dwfast"]
     out = args.out or records.default_out(device.type)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()

@@ -160,3 +160,10 @@ def write(docs: List[dict], path: Path = REPORT, figures: bool = True) -> Path:
         out += sections[doc["kind"]](doc, fig_dir)
     path.write_text("\n".join(out) + "\n")
     return path
+
+
+if __name__ == "__main__":  # `python -m bench.report`: the same as `python -m bench report`
+    import sys
+
+    from .__main__ import main
+    sys.exit(main(["report", *sys.argv[1:]]))

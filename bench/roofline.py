@@ -15,7 +15,6 @@ Writes one PNG per mode and prints the table.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -24,6 +23,7 @@ from rich.table import Table
 
 import dwfast
 
+from . import at_least, comma_list, folder
 from . import device as dev
 from . import models, plots, records
 from .sweep import cell, fmt, measure
@@ -41,29 +41,29 @@ def main(argv=None) -> int:
     the exit status: 1 if an implementation failed (each failure is printed), else 0."""
     p = argparse.ArgumentParser(prog="python -m bench.roofline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--widths", help="comma-separated W (default 64..8192 on CUDA, 32..512 on the CPU)")
-    p.add_argument("--batch", type=int, help="B (default 8192 on CUDA, 256 on the CPU)")
-    p.add_argument("--layers", type=int, default=4, help="hidden blocks per chain (default 4)")
+    p.add_argument("--widths", type=comma_list(int, minimum=1),
+                   help="comma-separated W (default 64..8192 on CUDA, 32..512 on the CPU)")
+    p.add_argument("--batch", type=at_least(2), help="B (default 8192 on CUDA, 256 on the CPU)")
+    p.add_argument("--layers", type=at_least(0), default=4, help="hidden blocks per chain (default 4)")
     p.add_argument("--dtype", choices=list(models.DTYPES), help="default bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--modes", default="train,infer")
-    p.add_argument("--impls", default=None, help="comma-separated (default eager,compile,dwfast on CUDA, "
-                                                 "eager,dwfast on the CPU)")
-    p.add_argument("--warmup-ms", type=float, help="warm-up time per measurement (ms)")
-    p.add_argument("--rep-ms", type=float, help="timed repetitions per measurement (ms)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=1, help=dev.THREADS_HELP)
-    p.add_argument("--out", type=Path, help="folder for the PNGs (default as for the sweep)")
+    p.add_argument("--modes", type=comma_list(str, models.MODES), default=["train", "infer"])
+    p.add_argument("--impls", type=comma_list(str, models.IMPLS), default=None,
+                   help="comma-separated (default eager,compile,dwfast on CUDA, eager,dwfast on the CPU)")
+    p.add_argument("--warmup-ms", type=at_least(0, float), help="warm-up time per measurement (ms)")
+    p.add_argument("--rep-ms", type=at_least(1e-3, float), help="timed repetitions per measurement (ms)")
+    p.add_argument("--device", type=dev.device_arg, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--threads", type=at_least(1), default=1, help=dev.THREADS_HELP)
+    p.add_argument("--out", type=folder, help="folder for the PNGs (default as for the sweep)")
     args = p.parse_args(argv)
     device = dev.pick_device(args.device)
     cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(args.threads)
-    widths = [int(w) for w in (args.widths or ("64,128,256,512,1024,2048,4096,8192" if cuda
-                                                else "32,64,128,256,512")).split(",")]
-    batch = args.batch or (8192 if cuda else 256)
+    widths = args.widths or ([64, 128, 256, 512, 1024, 2048, 4096, 8192] if cuda else [32, 64, 128, 256, 512])
+    batch = args.batch if args.batch is not None else (8192 if cuda else 256)
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
     dtype = models.DTYPES[dtype_name]
-    impls = (args.impls or ("eager,compile,dwfast" if cuda else "eager,dwfast")).split(",")
+    impls = args.impls or (["eager", "compile", "dwfast"] if cuda else ["eager", "dwfast"])
     out = args.out or records.default_out(device.type)
     out.mkdir(parents=True, exist_ok=True)  # before measuring: a bad folder fails at once
     name = dev.device_name(device)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (25.0 if cuda else 10.0)
     rep_ms = args.rep_ms if args.rep_ms is not None else (100.0 if cuda else 50.0)
     failed = []
-    for mode in args.modes.split(","):
+    for mode in args.modes:
         console.print(f"{mode}, {dtype_name}, batch {batch}, {args.layers + 1} layers of W x W {where}",
                       highlight=False, markup=False)
         table = Table(box=None, pad_edge=False, collapse_padding=True)

@@ -206,3 +206,10 @@ def print_table(doc: dict, console: Console = None) -> None:
                       f"{c['shallow_acc']:.3f}, collapse error {c['collapse_err']:.1e}", highlight=False)
     for note in doc["config"]["notes"]:
         console.print(f"[bold yellow]{note}[/]")
+
+
+if __name__ == "__main__":  # `python -m bench.study`: the same as `python -m bench study`
+    import sys
+
+    from .__main__ import main
+    sys.exit(main(["study", *sys.argv[1:]]))

@@ -404,3 +404,10 @@ def group_records(rows):
     for r in rows:
         groups.setdefault((r["mode"], r["dtype"], r["batch"], r["budget"], r["depth"]), []).append(r)
     return groups
+
+
+if __name__ == "__main__":  # `python -m bench.sweep`: the same as `python -m bench sweep`
+    import sys
+
+    from .__main__ import main
+    sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -27,7 +27,6 @@ import contextlib
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -36,6 +35,7 @@ import dwfast
 from dwfast.kernels import fused_linear as F
 from dwfast.kernels import tiles
 
+from . import BUDGET_BELOW, at_least, comma_list, new_file
 from .kernels import DTYPES
 from .standin import standin_gpu
 
@@ -162,20 +162,19 @@ def tune(args) -> dict:
     return {"version": 1, "timed": not dry, "gpus": {name: table}, "timings": {name: timings}}
 
 
-def _list(kind):
-    return lambda text: [kind(v) for v in text.split(",")]
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line (see ``--help``)."""
     p = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0].strip("`"))
-    p.add_argument("--out", type=Path, required=True, help="where the table goes (JSON, kernels/tiles.py's layout)")
-    p.add_argument("--batches", type=_list(int), default=_list(int)(DEFAULTS["batches"]))
-    p.add_argument("--budgets", type=_list(float), default=_list(float)(DEFAULTS["budgets"]))
-    p.add_argument("--depths", type=_list(int), default=_list(int)(DEFAULTS["depths"]))
-    p.add_argument("--dtypes", type=_list(str), default=_list(str)(DEFAULTS["dtypes"]),
+    p.add_argument("--out", type=new_file, required=True, help="where the table goes (JSON, kernels/tiles.py's layout)")
+    batches, budgets = comma_list(int, minimum=2), comma_list(float, minimum=1, below=BUDGET_BELOW)
+    depths = comma_list(int, minimum=0)
+    dtypes = comma_list(str, DTYPES)
+    p.add_argument("--batches", type=batches, default=batches(DEFAULTS["batches"]))
+    p.add_argument("--budgets", type=budgets, default=budgets(DEFAULTS["budgets"]))
+    p.add_argument("--depths", type=depths, default=depths(DEFAULTS["depths"]))
+    p.add_argument("--dtypes", type=dtypes, default=dtypes(DEFAULTS["dtypes"]),
                    help="bf16, fp16, fp32 (matmul precision 'highest'), tf32")
-    p.add_argument("--time-limit", type=float, default=45.0, help="seconds of tuning (default 45)")
+    p.add_argument("--time-limit", type=at_least(1e-3, float), default=45.0, help="seconds of tuning (default 45)")
     p.add_argument("--dry-run", action="store_true",
                    help="time nothing: the heuristic's configurations for an H100 (also without CUDA)")
     return p

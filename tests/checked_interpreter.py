@@ -458,7 +458,7 @@ class Checker:
         stored = np.unique(addr[is_store])
         keep = np.isin(addr, stored, assume_unique=False)
         if not keep.all():
-            addr, kind, pid, seq, val, is_store = addr[keep], kind[keep], pid[keep], seq[keep], val[keep], is_store[keep]
+            addr, kind, pid, seq, val, is_store = (a[keep] for a in (addr, kind, pid, seq, val, is_store))
         if (pid == pid[0]).all():
             return
         order = np.lexsort((seq, addr))

@@ -112,6 +112,35 @@ def test_bad_arguments(argv, says, capsys):
     assert exit.value.code == 2 and says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool, argv, says", [
+    ("launches", ["--depth", "-1"], "--depth"), ("launches", ["--steps", "0"], "--steps"),
+    ("launches", ["--dropout", "1.5"], "--dropout"), ("kernels", ["--widths", "0"], "--widths"),
+    ("kernels", ["--json", "/no/such/folder/x.json"], "no such folder"), ("profile", ["--batch", "0"], "--batch"),
+    ("profile", ["--impls", "nonesuch"], "--impls"), ("profile", ["--device", "foo"], "not a device"),
+    ("roofline", ["--modes", "foo"], "--modes"), ("roofline", ["--rep-ms", "nan"], "--rep-ms"),
+    ("tune", ["--out", "t.json", "--batches", "0"], "--batches"), ("tune", ["--out", ".", "--dry-run"], "a folder"),
+    ("sweep", ["--rep-ms", "nan"], "--rep-ms"), ("sweep", ["--budgets", "inf"], "--budgets"),
+    ("sweep", ["--budgets", "1e30"], "--budgets"), ("sweep", ["--time-limit", "-1"], "--time-limit"),
+    ("sweep", ["--out", "README.md"], "not a folder"), ("study", ["--epochs", "-1"], "--epochs"),
+])
+def test_bad_arguments_of_every_tool(tool, argv, says, capsys):
+    """Every command line refuses bad values up front, as argparse errors (exit status 2): NaN
+    and infinity too, and files where folders are due (and the other way round)."""
+    import importlib
+    main = cli.main if tool in ("sweep", "study") else importlib.import_module(f"bench.{tool}").main
+    with pytest.raises(SystemExit) as exit:
+        main([tool, *argv] if tool in ("sweep", "study") else argv)
+    assert exit.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["sweep", "report", "study"])
+def test_dotted_module_forms(module):
+    """`python -m bench.sweep` is `python -m bench sweep` (and so for report and study)."""
+    res = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0 and f"usage: python -m bench {module}" in res.stdout, res.stderr[-2000:]
+
+
 def test_report_without_records(tmp_path, capsys):
     """`python -m bench report` of a path that does not exist, or of a folder without records:
     an error, and the last report stays as it was."""

@@ -3,8 +3,9 @@ or of the wrong size, a Linear without input features, an output changed in plac
 infinity through the chain, in-place modules eager's backward refuses, a BatchNorm shared by two
 blocks; and what users' code does around a model: saved-tensor hooks, TorchScript, swapped
 module classes, forwards set on instances, bad module arguments, in-place changes between
-forward and backward, meta tensors, inference mode, inputs that are not tensors. Each runs fused (the kernels through the interpreter, per-layer and
-whole-net paths) and eager on copies of one model, and compares everything eager produces.
+forward and backward, meta tensors, inference mode, inputs that are not tensors. Each runs
+fused (the kernels through the interpreter, per-layer and whole-net paths) and eager on copies
+of one model, and compares everything eager produces.
 """
 import copy
 
