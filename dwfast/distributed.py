@@ -79,6 +79,10 @@ def group_of(group_id: int):
     return dist.group.WORLD if group_id == WORLD_ID else _GROUPS[group_id]
 
 
+# torch 2.13 renamed all_gather_into_tensor all_gather_single (the old name warns there)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def merge_stats(count: Tensor, mean: Tensor, var: Tensor, group=None):
     """The group's (count, mean, biased var) from each rank's; fp32 [N] in, fp32 [N] out.
 
@@ -88,7 +92,7 @@ def merge_stats(count: Tensor, mean: Tensor, var: Tensor, group=None):
     local = torch.stack([count.float().expand_as(mean), mean, var * count]).float()
     world = dist.get_world_size(group)
     gathered = local.new_empty((world * 3, local.shape[1]))
-    dist.all_gather_into_tensor(gathered, local, group=group)
+    _all_gather(gathered, local, group=group)
     counts, means, m2s = gathered.view(world, 3, -1).unbind(1)
     total = counts.sum(0)
     origin = means[0]
