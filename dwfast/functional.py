@@ -223,8 +223,10 @@ def run_chain(x: torch.Tensor, blocks: List[Block]) -> torch.Tensor:
     tensors = read(blocks)
     if not _fusable(x, blocks, tensors):
         return eager_chain(x, blocks)
-    if not x.shape[0]:  # eager's ops (the kernels need rows), with synchronised BatchNorms making the
-        return eager_chain(x, blocks, fused_peers=True)  # collectives the other ranks' fused chains make
+    # No rows: eager's ops (the kernels need rows), its synchronised BatchNorms making the collectives
+    # that the other ranks' fused chains make
+    if not x.shape[0]:
+        return eager_chain(x, blocks, fused_peers=True)
     backend = resolve_backend(x.device)
     if autocast_dtype(x) is not None:
         # The whole-net kernels take one dtype; autocast mixes the Linears' and BatchNorm's.

@@ -683,6 +683,7 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
     weights, biases, gammas, betas, run_means, run_vars, counts = tensors
     if low is not None or (upcast and dtype != torch.float32):
         casts = {}  # one cast per tensor: a BatchNorm (or weight) used by two blocks stays one tensor
+        to_fp32 = upcast and dtype != torch.float32
 
         def cast(t, linear=False):
             if t is None:
@@ -690,7 +691,7 @@ def chain(x: Tensor, blocks: List[Block], tensors: Tensors, upcast: bool = False
             key = (id(t), linear)
             if key not in casts:
                 c = t.to(low) if linear and low is not None else t
-                casts[key] = c.float() if upcast and dtype != torch.float32 else c
+                casts[key] = c.float() if to_fp32 else c
             return casts[key]
         weights, biases = [cast(w, True) for w in weights], [cast(b, True) for b in biases]
         x = cast(x, True)
